@@ -1,0 +1,1 @@
+"""Callbacks: cross-cutting behaviour (convergence, figures, reports)."""

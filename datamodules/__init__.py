@@ -1,0 +1,1 @@
+"""LightningDataModules: each holds one data set with the paper's transforms."""

@@ -1,0 +1,1 @@
+"""LightningModules: each holds one method (training a classifier, compressing a layer, ...)."""
