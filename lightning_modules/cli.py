@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+import importlib
+import inspect
+import pkgutil
+from typing import Any, NoReturn, Optional, Sequence
 
 from pytorch_lightning import LightningDataModule, LightningModule
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
@@ -64,14 +67,30 @@ def _names_group_file(group: str, value: str) -> bool:
     return any((folder / name).is_file() for folder in (CONFIG_DIR / group, CONFIG_DIR) for name in (value, f"{value}.yaml"))
 
 
-def subclass_help(base: type, package: Any) -> str:
-    """Names of the subclasses of ``base`` that ``package`` exports (for error messages)."""
-    names = [
-        f"{package.__name__}.{name}"
-        for name in getattr(package, "__all__", dir(package))
-        if isinstance(getattr(package, name, None), type) and issubclass(getattr(package, name), base)
-    ]
-    return ", ".join(sorted(names))
+def available_classes(base: type, package: str) -> list[str]:
+    """Import paths of the concrete subclasses of ``base`` defined in ``package``'s modules."""
+    found = []
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        module = importlib.import_module(f"{package}.{info.name}")
+        for name, obj in vars(module).items():
+            if (
+                isinstance(obj, type) and issubclass(obj, base) and obj.__module__ == module.__name__
+                and not inspect.isabstract(obj)
+            ):
+                found.append(f"{module.__name__}.{name}")
+    return sorted(found)
+
+
+class ArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser; an unknown ``class_path`` error also lists the valid classes."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # type: ignore[override]
+        if "class_path" in message or "import path" in message:
+            message += (
+                "\nValid model classes: " + ", ".join(available_classes(LightningModule, "lightning_modules"))
+                + "\nValid data classes: " + ", ".join(available_classes(LightningDataModule, "datamodules"))
+            )
+        super().error(message, ex)
 
 
 class TrainCLI(LightningCLI):
@@ -94,6 +113,7 @@ class TrainCLI(LightningCLI):
             auto_configure_optimizers=False,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
+            parser_class=ArgumentParser,
             **kwargs,
         )
 

@@ -1,0 +1,97 @@
+"""What every image DataModule shares: a seeded validation split, an optional training
+subset, and a deterministic pass over the training split for compression."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from datamodules.transforms import build_transforms
+
+
+class ImageDataModule(pl.LightningDataModule, ABC):
+    """Base class; subclasses say how to read their data set (``make_dataset``).
+
+    Args:
+        root: folder holding the data set (torchvision's layout).
+        batch_size: per process (under DDP every rank loads this many).
+        num_workers: DataLoader worker processes.
+        val_fraction: share of the training set held out for validation (seeded).
+        train_subset: train on only the first this-many images of the (seeded,
+            shuffled) training split; ``None`` uses all of it.
+        seed: seeds the split and the subset, so a config gives the same data twice.
+        preset: transform preset (see ``datamodules.transforms.build_transforms``).
+    """
+
+    num_classes: int = 10
+
+    def __init__(
+        self,
+        root: str = "data",
+        batch_size: int = 256,
+        num_workers: int = 2,
+        val_fraction: float = 0.1,
+        train_subset: Optional[int] = None,
+        seed: int = 0,
+        preset: str = "alexnet",
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if train_subset is not None and train_subset <= 0:
+            raise ValueError(f"train_subset must be a positive number of images or null, got {train_subset}")
+        self.save_hyperparameters()
+        self.train_transform, self.eval_transform = build_transforms(preset)
+        self.train_set: Optional[Dataset] = None
+
+    @abstractmethod
+    def make_dataset(self, train: bool, transform: Callable) -> Dataset:
+        """The full training (``train=True``) or test split with ``transform`` applied."""
+
+    def split_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train indices, validation indices) into the full training split, seeded."""
+        n = len(self.make_dataset(True, None))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.seed))
+        n_val = int(round(self.hparams.val_fraction * n))
+        train_idx, val_idx = perm[n_val:], perm[:n_val]
+        if self.hparams.train_subset is not None:
+            train_idx = train_idx[: self.hparams.train_subset]
+        return train_idx, val_idx
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is not None:
+            return
+        train_idx, val_idx = self.split_indices()
+        self.train_set = Subset(self.make_dataset(True, self.train_transform), train_idx.tolist())
+        # The same images with test-time transforms: what compression reads (deterministic).
+        self.train_eval_set = Subset(self.make_dataset(True, self.eval_transform), train_idx.tolist())
+        self.val_set = Subset(self.make_dataset(True, self.eval_transform), val_idx.tolist())
+        self.test_set = self.make_dataset(False, self.eval_transform)
+        if len(self.train_set) == 0:
+            raise ValueError(f"{type(self).__name__}: the training split is empty (check root={self.hparams.root!r})")
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def train_eval_dataloader(self) -> DataLoader:
+        """The training split with eval transforms, in a fixed order (compression statistics, train loss)."""
+        return self._loader(self.train_eval_set, shuffle=False)

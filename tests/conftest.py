@@ -1,0 +1,76 @@
+"""Shared fixtures: small data sets in the real on-disk formats, and the real Fashion-MNIST."""
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision.datasets import CIFAR10
+
+from datamodules.fashion_mnist import prepare_fashion_mnist
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def fashion_root() -> str:
+    """The real Fashion-MNIST (``make data`` puts it in ``data/``); never downloads."""
+    root = REPO / "data"
+    try:
+        prepare_fashion_mnist(root, download=False)
+    except FileNotFoundError as err:
+        pytest.fail(f"{err}\nRun `make data` first (the test suite never downloads).")
+    return str(root)
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny CIFAR-10 in torchvision's python pickle format (5 train batches + test batch)."""
+    root = tmp_path_factory.mktemp("cifar")
+    folder = root / CIFAR10.base_folder
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, _ in CIFAR10.train_list + CIFAR10.test_list:
+        n = 20
+        batch = {
+            "batch_label": name,
+            "labels": [int(v) for v in rng.integers(0, 10, n)],
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "filenames": [f"{name}_{i}.png" for i in range(n)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / CIFAR10.meta["filename"], "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": 20}, f)
+    return str(root)
+
+
+@pytest.fixture
+def cifar10_checksums(cifar10_root: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """torchvision checks the md5 of every CIFAR-10 file: point it at the fixture's checksums."""
+    folder = Path(cifar10_root) / CIFAR10.base_folder
+    monkeypatch.setattr(CIFAR10, "train_list", [[n, _md5(folder / n)] for n, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[n, _md5(folder / n)] for n, _ in CIFAR10.test_list])
+    monkeypatch.setitem(CIFAR10.meta, "md5", _md5(folder / CIFAR10.meta["filename"]))
+    return cifar10_root
+
+
+@pytest.fixture(scope="session")
+def imagenet_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An ImageFolder tree ``train/<class>/*.JPEG`` and ``val/<class>/*.JPEG`` of odd-sized JPEGs."""
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 6), ("val", 2)):
+        for c in ("n01440764", "n01443537", "n01484850"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                h, w = rng.integers(180, 320, 2)
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / split / c / f"{c}_{i}.JPEG")
+    return str(root)
