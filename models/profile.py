@@ -1,0 +1,62 @@
+"""Size and speed of a network: parameters, multiply-adds, Linear widths, latency."""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def linear_widths(model: nn.Module) -> dict[str, int]:
+    """Inputs read by every Linear layer (the width of the layer of neurons before it)."""
+    return {name: m.in_features for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Multiply-adds of one forward pass of one sample of shape ``input_shape`` (C, H, W),
+    counted over Conv2d and Linear layers (the rest is negligible)."""
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total += output[0].numel() * per_output
+        else:
+            total += module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        model.eval()(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return int(total)
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1, repeats: int = 30) -> float:
+    """Median wall-clock time (ms) of a forward pass of ``batch_size`` samples, after warm-up."""
+    device = next(model.parameters()).device
+    x = torch.rand(batch_size, *input_shape, device=device)
+    model = model.eval()
+    times = []
+    for i in range(repeats + 3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return 1000.0 * sorted(times)[len(times) // 2]
