@@ -22,6 +22,8 @@ class ImageDataModule(pl.LightningDataModule, ABC):
         val_fraction: share of the training set held out for validation (seeded).
         train_subset: train on only the first this-many images of the (seeded,
             shuffled) training split; ``None`` uses all of it.
+        test_subset: evaluate on only the first this-many test images (quick runs);
+            ``None`` uses the whole test set.
         seed: seeds the split and the subset, so a config gives the same data twice.
         preset: transform preset (see ``datamodules.transforms.build_transforms``).
     """
@@ -35,14 +37,16 @@ class ImageDataModule(pl.LightningDataModule, ABC):
         num_workers: int = 2,
         val_fraction: float = 0.1,
         train_subset: Optional[int] = None,
+        test_subset: Optional[int] = None,
         seed: int = 0,
         preset: str = "alexnet",
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        if train_subset is not None and train_subset <= 0:
-            raise ValueError(f"train_subset must be a positive number of images or null, got {train_subset}")
+        for name, value in (("train_subset", train_subset), ("test_subset", test_subset)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be a positive number of images or null, got {value}")
         self.save_hyperparameters()
         self.train_transform, self.eval_transform = build_transforms(preset)
         self.train_set: Optional[Dataset] = None
@@ -70,6 +74,8 @@ class ImageDataModule(pl.LightningDataModule, ABC):
         self.train_eval_set = Subset(self.make_dataset(True, self.eval_transform), train_idx.tolist())
         self.val_set = Subset(self.make_dataset(True, self.eval_transform), val_idx.tolist())
         self.test_set = self.make_dataset(False, self.eval_transform)
+        if self.hparams.test_subset is not None:
+            self.test_set = Subset(self.test_set, range(min(self.hparams.test_subset, len(self.test_set))))
         if len(self.train_set) == 0:
             raise ValueError(f"{type(self).__name__}: the training split is empty (check root={self.hparams.root!r})")
 

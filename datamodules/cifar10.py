@@ -23,11 +23,12 @@ class CIFAR10DataModule(ImageDataModule):
         num_workers: int = 2,
         val_fraction: float = 0.1,
         train_subset: Optional[int] = None,
+        test_subset: Optional[int] = None,
         seed: int = 0,
         preset: Literal["alexnet", "vgg"] = "alexnet",
         download: bool = False,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, val_fraction, train_subset, seed, preset)
+        super().__init__(root, batch_size, num_workers, val_fraction, train_subset, test_subset, seed, preset)
 
     def prepare_data(self) -> None:
         if self.hparams.download:

@@ -55,11 +55,12 @@ class FashionMNISTDataModule(ImageDataModule):
         num_workers: int = 2,
         val_fraction: float = 0.1,
         train_subset: Optional[int] = None,
+        test_subset: Optional[int] = None,
         seed: int = 0,
         preset: Literal["fashion_alexnet"] = "fashion_alexnet",
         download: bool = False,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, val_fraction, train_subset, seed, preset)
+        super().__init__(root, batch_size, num_workers, val_fraction, train_subset, test_subset, seed, preset)
 
     def prepare_data(self) -> None:
         prepare_fashion_mnist(self.hparams.root, self.hparams.download)

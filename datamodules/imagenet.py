@@ -22,9 +22,10 @@ class ImageNetDataModule(ImageDataModule):
         num_workers: int = 8,
         val_fraction: float = 0.01,
         train_subset: Optional[int] = None,
+        test_subset: Optional[int] = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, val_fraction, train_subset, seed, preset="imagenet")
+        super().__init__(root, batch_size, num_workers, val_fraction, train_subset, test_subset, seed, preset="imagenet")
 
     @property
     def num_classes(self) -> int:  # type: ignore[override]

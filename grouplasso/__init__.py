@@ -1,8 +1,30 @@
 """The multi-task (group) lasso: the one place where its math lives.
 
-Everything that thresholds columns, evaluates the objective, certifies a solution
-or solves the problem calls into this package.
+Everything that thresholds columns, accumulates statistics, evaluates the objective,
+certifies a solution or solves the problem calls into this package:
+``prox`` (the group soft-threshold), ``stats`` (G, C, s), ``objective`` (MSE, F, gradient,
+duality gap, debiasing), ``solvers`` (FISTA, the paper's Adam procedure) and
+``working_set`` (the default solver).
 """
+from grouplasso.problem import (
+    DualityGap, debias, duality_gap, gradient, group_norm, lambda_max, lipschitz, mse, objective, residual_energy,
+)
 from grouplasso.prox import group_norms, group_soft_threshold
+from grouplasso.solvers import FISTA, PaperAdam, Solver
+from grouplasso.stats import LassoStats, StatsAccumulator
+from grouplasso.working_set import WorkingSet
 
-__all__ = ["group_norms", "group_soft_threshold"]
+# Solver names as configs spell them; ``auto`` is the fastest (see benchmarks/solver_speed.py).
+SOLVERS: dict[str, type[Solver]] = {
+    "auto": WorkingSet,
+    "working_set": WorkingSet,
+    "fista": FISTA,
+    "paper_adam": PaperAdam,
+}
+
+__all__ = [
+    "SOLVERS", "DualityGap", "FISTA", "LassoStats", "PaperAdam", "Solver", "StatsAccumulator", "WorkingSet",
+    "debias", "duality_gap", "gradient", "group_norm", "group_norms", "group_soft_threshold", "lambda_max", "lipschitz",
+    "mse",
+    "objective", "residual_energy",
+]

@@ -57,6 +57,16 @@ def resolve_config_args(args: Sequence[str] | None) -> list[str]:
     return out
 
 
+def cli_args(args: Sequence[str] | None) -> list[str] | None:
+    """What to hand LightningCLI: ``args`` resolved, or, for a real command line (``None``),
+    ``sys.argv`` resolved in place (LightningCLI warns when given both, and DDP's launcher
+    re-runs ``sys.argv`` in the other processes)."""
+    if args is None:
+        sys.argv[1:] = resolve_config_args(sys.argv[1:])
+        return None
+    return resolve_config_args(args)
+
+
 def _is_group_option(arg: str) -> bool:
     return arg.startswith("--") and "=" not in arg and "." not in arg and arg != "--config"
 
@@ -109,7 +119,7 @@ class TrainCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             run=False,
-            args=resolve_config_args(args),
+            args=cli_args(args),
             auto_configure_optimizers=False,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},

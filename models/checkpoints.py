@@ -97,10 +97,14 @@ def load_network(path: str | Path, arch: str | None = None, num_classes: int | N
     checkpoint's shapes (compressed networks), then loaded strictly.
     """
     state, info = read_checkpoint(path)
-    arch = arch or info["arch"]
-    model = build_model(arch, num_classes or info["num_classes"])
+    return network_from_state(state, arch or info["arch"], num_classes or info["num_classes"], source=str(path))
+
+
+def network_from_state(state: dict[str, Tensor], arch: str, num_classes: int, source: str = "checkpoint") -> nn.Module:
+    """``build_model(arch, num_classes)`` resized to and loaded with ``state``, in eval mode."""
+    model = build_model(arch, num_classes)
     resize_to_state_dict(model, state)
-    load_state_dict_strict(model, state, source=str(path))
+    load_state_dict_strict(model, state, source=source)
     return model.eval()
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision.datasets import CIFAR10
 
 from datamodules.fashion_mnist import prepare_fashion_mnist
+from tests.helpers import small_train_args
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,3 +75,15 @@ def imagenet_root(tmp_path_factory: pytest.TempPathFactory) -> str:
                 h, w = rng.integers(180, 320, 2)
                 Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / split / c / f"{c}_{i}.JPEG")
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def trained_alexnet(tmp_path_factory: pytest.TempPathFactory, fashion_root: str):
+    """AlexNet trained by ``train.py`` on 4,096 real Fashion-MNIST images for 2 epochs and
+    tested on 1,280 (about a minute): the network the accuracy-floor and compression tests use.
+    Returns the finished ``TrainCLI``; its best checkpoint is ``trained_alexnet.trainer.checkpoint_callback.best_model_path``."""
+    from train import main
+
+    folder = tmp_path_factory.mktemp("alexnet")
+    return main(small_train_args(folder, fashion_root, "--trainer.max_epochs", "2", "--trainer.limit_test_batches", "20",
+                                 subset=4096))

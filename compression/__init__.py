@@ -1,0 +1,1 @@
+"""Compressing trained networks: statistics cache, the layer-by-layer pipeline, reports."""

@@ -1,0 +1,96 @@
+"""The before/after report of a compression: a table to read, JSON to keep, TensorBoard to browse."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def _change(before: float, after: float) -> str:
+    return f"{100.0 * (after - before) / before:+.1f}%" if before else ""
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A plain-text table: before/after summary, one row per compressed layer, and any paths."""
+    b, a = report["before"], report["after"]
+    lines = [f"{'':28s}{'before':>14s}{'after':>14s}{'change':>10s}"]
+    lines.append(f"{'train loss':28s}{b['train_loss']:14.4f}{a['train_loss']:14.4f}{_change(b['train_loss'], a['train_loss']):>10s}")
+    lines.append(
+        f"{'test accuracy':28s}{100 * b['test_accuracy']:13.2f}%{100 * a['test_accuracy']:13.2f}%"
+        f"{100 * (a['test_accuracy'] - b['test_accuracy']):+9.2f}pt"
+    )
+    for entry in report["layers"]:
+        label = f"width into {entry['module']}"
+        lines.append(f"{label:28s}{entry['width_before']:14d}{entry['width_after']:14d}"
+                     f"{_change(entry['width_before'], entry['width_after']):>10s}")
+    for key, label, fmt in (("parameters", "parameters", "{:14,d}"), ("macs", "multiply-adds / sample", "{:14,d}"),
+                            ("latency_ms", "latency (ms, batch 1)", "{:14.2f}")):
+        lines.append(f"{label:28s}{fmt.format(b[key])}{fmt.format(a[key])}{_change(b[key], a[key]):>10s}")
+    lines.append("")
+    lines.append(f"{'layer':8s}{'module':14s}{'lambda':>9s}{'kept':>12s}{'MSE':>11s}{'rel. gap':>10s}{'steps':>7s}"
+                 f"{'solve s':>9s}{'stats s':>9s}  stop")
+    for e in report["layers"]:
+        lines.append(
+            f"{e['layer']:8s}{e['module']:14s}{e['lambda']:9.3g}{e['width_after']:>6d}/{e['width_before']:<5d}"
+            f"{e['mse']:11.3e}{e['rel_gap']:10.1e}{e['steps']:7d}{e['seconds']:9.2f}{e['stats_seconds']:9.1f}  "
+            f"{e['stop'].split(':')[0]}"
+        )
+    for layer, rows in report.get("paths", {}).items():
+        lines.append("")
+        lines.append(f"regularisation path of {layer}:")
+        lines.append(f"{'lambda':>10s}{'active':>8s}{'MSE':>11s}{'test acc':>10s}{'rel. gap':>10s}{'steps':>7s}{'s':>7s}")
+        for r in rows:
+            lines.append(f"{r['lambda']:10.3g}{r['active']:8d}{r['mse']:11.3e}{100 * r['test_accuracy']:9.2f}%"
+                         f"{r['rel_gap']:10.1e}{r['steps']:7d}{r['seconds']:7.1f}")
+    return "\n".join(lines)
+
+
+def plot_path(layer: str, rows: list[dict[str, Any]]) -> Figure:
+    """Width against test accuracy and against MSE along a regularisation path, points labelled by lambda."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    widths = [r["active"] for r in rows]
+    for ax, key, label in ((axes[0], "test_accuracy", "test accuracy (%)"), (axes[1], "mse", "MSE of the layer's outputs")):
+        values = [100 * r[key] if key == "test_accuracy" else r[key] for r in rows]
+        ax.plot(widths, values, "o-")
+        for w, v, r in zip(widths, values, rows):
+            ax.annotate(f"λ={r['lambda']:g}", (w, v), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(f"neurons kept (width into {layer})")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    fig.suptitle(f"Regularisation path: {layer}")
+    fig.tight_layout()
+    return fig
+
+
+def write_report(report: dict[str, Any], run_dir: Path, extra_path: Optional[str] = None, logger: Any = None) -> list[Path]:
+    """``report.json`` (and ``extra_path``), ``path-<layer>.png`` per path, and TensorBoard entries."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    written = [run_dir / "report.json"] + ([Path(extra_path)] if extra_path else [])
+    for target in written:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(report, indent=2))
+    for layer, rows in report.get("paths", {}).items():
+        fig = plot_path(layer, rows)
+        fig.savefig(run_dir / f"path-{layer}.png", dpi=120)
+        written.append(run_dir / f"path-{layer}.png")
+        if logger is not None:
+            logger.experiment.add_figure(f"path/{layer}", fig)
+        plt.close(fig)
+    if logger is not None:
+        experiment = logger.experiment
+        experiment.add_text("report", "    " + format_report(report).replace("\n", "\n    "))
+        for stage in ("before", "after"):
+            for key in ("train_loss", "test_accuracy", "parameters", "macs", "latency_ms"):
+                experiment.add_scalar(f"report/{key}", report[stage][key], 0 if stage == "before" else 1)
+        for entry in report["layers"]:
+            experiment.add_scalar(f"report/width/{entry['layer']}", entry["width_before"], 0)
+            experiment.add_scalar(f"report/width/{entry['layer']}", entry["width_after"], 1)
+        experiment.flush()
+    return written

@@ -1,0 +1,100 @@
+"""Sufficient statistics of a layer's compression problem, accumulated batch by batch.
+
+For a Linear layer y = W x + b with inputs x_i (K) and outputs y_i (D), i = 1..n:
+
+    G = (1/n) sum_i x_i x_i^T          (K, K)
+    C = (1/n) sum_i (y_i - b) x_i^T    (D, K)
+    s = (1/n) sum_i ||y_i - b||^2      scalar
+
+Every quantity of the problem (objective, gradient, duality gap) is a function of
+(G, C, s), so solvers never touch the n samples again and memory is O(K^2 + D K)
+whatever n is. The sums are accumulated in float64 (G squares the inputs: float32
+sums would lose the small eigenvalues that decide which neurons are redundant).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LassoStats:
+    """(G, C, s) of one layer over ``n`` samples; see the module doc. Tensors are float64."""
+
+    G: Tensor
+    C: Tensor
+    s: float
+    n: int
+
+    @property
+    def D(self) -> int:
+        return int(self.C.shape[0])
+
+    @property
+    def K(self) -> int:
+        return int(self.C.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.G.device
+
+    def to(self, device: torch.device | str) -> "LassoStats":
+        return LassoStats(self.G.to(device), self.C.to(device), self.s, self.n)
+
+    def restrict(self, columns: Tensor) -> "LassoStats":
+        """The statistics of the problem on the inputs ``columns`` only (the others fixed at zero)."""
+        return LassoStats(self.G[columns][:, columns], self.C[:, columns], self.s, self.n)
+
+    @classmethod
+    def from_features(cls, X: Tensor, Y: Tensor, bias: Optional[Tensor] = None) -> "LassoStats":
+        """All at once from inputs ``X`` (n, K) and outputs ``Y`` (n, D)."""
+        acc = StatsAccumulator(X.shape[1], Y.shape[1], bias=bias, device=X.device)
+        acc.update(X, Y)
+        return acc.finalize()
+
+
+class StatsAccumulator:
+    """Running float64 sums of ``x x^T``, ``(y - b) x^T``, ``||y - b||^2`` and the count.
+
+    ``update`` takes a batch (B, K) of inputs and (B, D) of outputs; under data
+    parallelism every rank accumulates its own shard and ``all_reduce`` sums them.
+    """
+
+    def __init__(self, K: int, D: int, bias: Optional[Tensor] = None, device: torch.device | str = "cpu") -> None:
+        self.K, self.D = K, D
+        self.bias = None if bias is None else bias.detach().to(device=device, dtype=torch.float64)
+        self.G = torch.zeros(K, K, dtype=torch.float64, device=device)
+        self.C = torch.zeros(D, K, dtype=torch.float64, device=device)
+        self.s = torch.zeros((), dtype=torch.float64, device=device)
+        self.n = torch.zeros((), dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def update(self, x: Tensor, y: Tensor) -> None:
+        if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[1] != self.K or y.shape[1] != self.D:
+            raise ValueError(f"expected inputs (B, {self.K}) and outputs (B, {self.D}), got {tuple(x.shape)} and {tuple(y.shape)}")
+        x = x.to(self.G.device, torch.float64)
+        r = y.to(self.G.device, torch.float64)
+        if self.bias is not None:
+            r = r - self.bias
+        self.G.addmm_(x.T, x)
+        self.C.addmm_(r.T, x)
+        self.s += r.square().sum()
+        self.n += x.shape[0]
+
+    def all_reduce(self, reduce_sum: Callable[[Tensor], Tensor]) -> None:
+        """Replace the sums by ``reduce_sum`` of them over all processes (e.g. the DDP strategy's reduce)."""
+        self.G = reduce_sum(self.G)
+        self.C = reduce_sum(self.C)
+        self.s = reduce_sum(self.s)
+        self.n = reduce_sum(self.n)
+
+    def finalize(self) -> LassoStats:
+        n = int(self.n.item())
+        if n == 0:
+            raise ValueError("no samples were accumulated: the data set is empty")
+        # Symmetrise: the sum is symmetric in exact arithmetic, solvers rely on it.
+        G = (self.G + self.G.T) / (2 * n)
+        return LassoStats(G=G, C=self.C / n, s=float(self.s) / n, n=n)

@@ -1,0 +1,239 @@
+"""compress.py end to end on a real (briefly trained) AlexNet and real Fashion-MNIST: the
+smaller network, the report, resuming, the statistics cache and under DDP, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from callbacks.convergence import Convergence
+from compress import main as compress
+from compression import cache
+from datamodules.fashion_mnist import FashionMNISTDataModule
+from grouplasso import LassoStats, objective
+from lightning_modules.compression import LassoCompression
+from lightning_modules.network_pass import run_pass
+from models.checkpoints import load_network
+from models.layers import LayerError
+from models.profile import count_parameters
+from tests.helpers import REPO, small_compress_args
+
+# Lambdas for the briefly trained test network, about a tenth of each layer's lambda_max.
+PEN, LAST = 0.0005, 0.05
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_alexnet) -> str:
+    return trained_alexnet.trainer.checkpoint_callback.best_model_path
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, fashion_root, checkpoint):
+    """compress.py on [pen, last] with a regularisation path on the last layer."""
+    folder = tmp_path_factory.mktemp("compress")
+    report = compress(small_compress_args(folder, fashion_root, checkpoint, "--lambdas", f"[{PEN},{LAST}]",
+                                          "--path", f"[{4 * LAST},{2 * LAST},{LAST},{LAST / 2}]",
+                                          "--report", str(folder / "extra" / "report.json")))
+    return folder, report
+
+
+@pytest.mark.slow
+def test_compressed_network_keeps_accuracy_and_loses_most_neurons(demo_run, fashion_root):
+    folder, report = demo_run
+    before, after = report["before"], report["after"]
+    # The stated margin: at most 2 points of test accuracy on 1,000 real test images.
+    assert after["test_accuracy"] >= before["test_accuracy"] - 0.02, (before["test_accuracy"], after["test_accuracy"])
+    for entry in report["layers"]:
+        assert entry["width_after"] < 0.25 * entry["width_before"], entry  # most neurons removed
+        assert entry["rel_gap"] <= 1e-4 and entry["stop"].startswith("converged")
+    assert after["parameters"] < 0.6 * before["parameters"] and after["macs"] < before["macs"]
+    # The saved network is an ordinary smaller AlexNet that loads without the original and
+    # reproduces the reported accuracy.
+    network = load_network(report["network"])
+    assert count_parameters(network) == after["parameters"]
+    assert network.classifier[6].in_features == report["layers"][1]["width_after"]
+    dm = FashionMNISTDataModule(root=fashion_root, batch_size=500, num_workers=0, test_subset=1000)
+    dm.setup("test")
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False)
+    assert run_pass(trainer, network, dm.test_dataloader()).accuracy == pytest.approx(after["test_accuracy"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_report_is_written_everywhere_with_the_path(demo_run):
+    folder, report = demo_run
+    run_dir = Path(report["network"]).parent
+    for path in (run_dir / "report.json", folder / "extra" / "report.json"):
+        saved = json.loads(path.read_text())
+        assert saved["after"]["widths"] == report["after"]["widths"]
+    keys = {"train_loss", "test_accuracy", "parameters", "macs", "latency_ms", "widths"}
+    assert keys <= set(report["before"]) and keys <= set(report["after"])
+    layer_keys = {"width_before", "width_after", "rel_gap", "seconds", "lambda_max", "mse", "stop"}
+    assert all(layer_keys <= set(entry) for entry in report["layers"])
+    rows = report["paths"]["last"]
+    assert [r["lambda"] for r in rows] == sorted((r["lambda"] for r in rows), reverse=True)
+    widths = [r["active"] for r in rows]
+    assert widths == sorted(widths) and widths[0] < widths[-1]  # smaller lambda keeps more neurons
+    assert all(r["rel_gap"] <= 1e-4 for r in rows)
+    assert (run_dir / "path-last.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_second_run_with_another_lambda_reuses_the_statistics(demo_run, fashion_root, checkpoint):
+    folder, first = demo_run
+    cached = sorted((folder / "cache").glob("train-classifier.4-*.pt"))
+    assert len(cached) == 1
+    again = compress(small_compress_args(folder, fashion_root, checkpoint, "--layers", "[pen]",
+                                         "--lambdas", f"[{2 * PEN}]"))
+    assert again["layers"][0]["stats_seconds"] == 0.0  # read from the cache, not recomputed
+    assert again["layers"][0]["width_after"] < first["layers"][0]["width_after"]
+    # a cache file that does not describe what is asked for is ignored, never trusted
+    saved = torch.load(cached[0], weights_only=True)
+    saved["description"]["samples"] += 1
+    torch.save(saved, cached[0])
+    assert cache.load_pass(folder / "cache", {**saved["description"], "samples": saved["description"]["samples"] - 1}) is None
+
+
+def _stats(seed: int = 0, n: int = 400, K: int = 60, D: int = 4) -> LassoStats:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.relu(torch.randn(n, 8, generator=g, dtype=torch.float64) @ torch.randn(8, K, generator=g, dtype=torch.float64))
+    Y = X @ torch.randn(K, D, generator=g, dtype=torch.float64) / K
+    return LassoStats.from_features(X, Y)
+
+
+class Crash(Exception):
+    """Stands for a crash or a kill mid-solve (Ctrl-C makes Lightning exit the process)."""
+
+
+class _CrashAt(pl.Callback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at:
+            raise Crash
+
+
+@pytest.mark.parametrize("solver", ["fista", "auto"])
+def test_interrupted_solve_resumes_to_the_same_end(tmp_path, solver):
+    stats, lam = _stats(), 0.002
+    W = torch.zeros(stats.D, stats.K)
+
+    def fit(folder: Path, interrupt_at: int | None = None, resume: bool = False):
+        module = LassoCompression(solver=solver).attach(stats, lam, W, "test")
+        convergence = Convergence(tol=1e-8, verbose=False)
+        callbacks = [convergence, pl.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0,
+                                                               every_n_train_steps=2)]
+        if interrupt_at:
+            callbacks.append(_CrashAt(interrupt_at))
+        trainer = pl.Trainer(accelerator="cpu", max_steps=5000, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=callbacks)
+        trainer.fit(module, ckpt_path=str(folder / "last.ckpt") if resume else None)
+        return module, trainer, convergence
+
+    whole, whole_trainer, whole_conv = fit(tmp_path / "a")
+    assert whole_conv.converged and whole_trainer.global_step > 5
+    with pytest.raises(Crash):
+        fit(tmp_path / "b", interrupt_at=5)
+    resumed, resumed_trainer, _ = fit(tmp_path / "b", resume=True)
+    assert resumed_trainer.global_step == whole_trainer.global_step
+    assert torch.equal(resumed.solver.V, whole.solver.V)
+    assert objective(stats, resumed.solver.V, lam) == objective(stats, whole.solver.V, lam)
+
+
+@pytest.mark.slow
+def test_interrupted_compress_run_resumes(tmp_path, fashion_root, checkpoint, monkeypatch):
+    """compress.py stopped mid-solve says how to resume; --resume ends where an uninterrupted run ends."""
+    args = small_compress_args(tmp_path, fashion_root, checkpoint, "--layers", "[last]", "--lambdas", f"[{LAST}]",
+                               "--model.solver", "fista", "--checkpoint_every", "5")
+    whole = compress(args + ["--trainer.logger.init_args.version", "whole"])
+    original = Convergence.on_train_batch_end
+
+    def crash(self, trainer, pl_module, outputs, batch, batch_idx):
+        original(self, trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step == 12:
+            raise Crash
+
+    monkeypatch.setattr(Convergence, "on_train_batch_end", crash)
+    with pytest.warns(UserWarning, match=r"stopped at step 12 \(Crash\).*--resume"), pytest.raises(Crash):
+        compress(args + ["--trainer.logger.init_args.version", "cut"])
+    monkeypatch.setattr(Convergence, "on_train_batch_end", original)
+    run_dir = tmp_path / "runs" / "compress_alexnet_fashion" / "cut"
+    resumed = compress(args + ["--resume", str(run_dir)])
+    assert resumed["layers"][0]["steps"] == whole["layers"][0]["steps"]
+    assert resumed["layers"][0]["objective"] == whole["layers"][0]["objective"]
+    assert resumed["after"]["widths"] == whole["after"]["widths"]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_statistics_equal_one_process(tmp_path, fashion_root, checkpoint):
+    """The statistics pass sharded over 2 CPU processes (gloo) and all-reduced equals one process."""
+    args = small_compress_args(tmp_path, fashion_root, checkpoint, "--layers", "[last]", "--lambdas", f"[{LAST}]",
+                               train_subset=600, test_subset=200)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    ddp = subprocess.run([sys.executable, str(REPO / "compress.py"), *args, "--trainer.devices", "2",
+                          "--trainer.strategy", "ddp", "--cache_dir", str(tmp_path / "ddp_cache")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "distributed_backend=gloo" in ddp.stderr
+    single = compress(args + ["--cache_dir", str(tmp_path / "single_cache")])
+    (ddp_file,) = (tmp_path / "ddp_cache").glob("train-classifier.6-*.pt")
+    (single_file,) = (tmp_path / "single_cache").glob("train-classifier.6-*.pt")
+    a, b = (torch.load(f, weights_only=True) for f in (ddp_file, single_file))
+    assert a["n"] == b["n"] == 600
+    torch.testing.assert_close(a["stats"]["G"], b["stats"]["G"], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(a["stats"]["C"], b["stats"]["C"], rtol=1e-9, atol=1e-9)
+    assert a["stats"]["s"] == pytest.approx(b["stats"]["s"], rel=1e-12)
+    assert a["accuracy"] == b["accuracy"]
+    report = json.loads((tmp_path / "runs" / "compress_alexnet_fashion" / "version_0" / "report.json").read_text())
+    assert report["after"]["widths"] == single["after"]["widths"]
+
+
+@pytest.mark.parametrize(
+    "override, error, message",
+    [
+        (["--layers", "[fc7]"], LayerError, r"Linear layers: classifier.1, classifier.4, classifier.6; short names: first"),
+        (["--lambdas", "[0.0]"], ValueError, "lambda must be a positive number"),
+        (["--lambdas", "[1000.0]", "--layers", "[last]"], ValueError, r"removes every neuron feeding 'last'.*lambda_max"),
+        (["--lambdas", "[1.0,2.0,3.0]"], ValueError, "one lambda for all layers or one per layer"),
+    ],
+)
+@pytest.mark.slow
+def test_bad_input_stops_with_a_message(tmp_path, fashion_root, checkpoint, override, error, message):
+    with pytest.raises(error, match=message):
+        compress(small_compress_args(tmp_path, fashion_root, checkpoint, *override, train_subset=200, test_subset=100))
+
+
+def test_checkpoint_that_does_not_fit_names_the_keys(tmp_path, fashion_root):
+    torch.save({"features.0.weight": torch.zeros(64, 3, 11, 11), "classifier.9.weight": torch.zeros(3, 3)},
+               tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"(?s)missing keys .*classifier.1.weight.*unexpected keys \(1\): classifier.9.weight"):
+        compress(small_compress_args(tmp_path, fashion_root, str(tmp_path / "bad.pt")))
+
+
+def test_diverging_or_nan_objective_stops_with_advice():
+    stats = _stats()
+    module = LassoCompression(solver="paper_adam", lr=50.0, log_every=1).attach(stats, 1e-4, torch.zeros(4, 60), "x")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=200, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(FloatingPointError, match=r"diverging .*lower the step size \(model.lr"):
+        trainer.fit(module)
+    broken = LassoStats(stats.G.clone(), stats.C.clone(), float("nan"), stats.n)
+    module = LassoCompression(solver="fista", log_every=1).attach(broken, 1e-3, torch.zeros(4, 60), "x")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(FloatingPointError, match="became nan"):
+        trainer.fit(module)
+
+
+def test_empty_data_set_is_refused(tmp_path):
+    network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False)
+    with pytest.raises(ValueError, match="the data set is empty"):
+        run_pass(trainer, network, empty, layer="3")
