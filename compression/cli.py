@@ -11,35 +11,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from pytorch_lightning import LightningDataModule
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.cli import LightningArgumentParser
 from pytorch_lightning.utilities import rank_zero_info
 
 from callbacks.convergence import Convergence
 from compression.pipeline import CompressionPipeline
 from compression.report import format_report, write_report
-from lightning_modules.cli import ArgumentParser, cli_args
+from lightning_modules.cli import ProjectCLI
 from lightning_modules.compression import LassoCompression
 from models.checkpoints import network_from_state, read_checkpoint
 
 
-class CompressCLI(LightningCLI):
+class CompressCLI(ProjectCLI):
     """Parses the compression config; ``compress()`` runs the pipeline and writes the report."""
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_defaults", {"default_root_dir": "runs", "max_steps": 10_000})
-        super().__init__(
-            LassoCompression,
-            LightningDataModule,
-            subclass_mode_data=True,
-            run=False,
-            args=cli_args(args),
-            auto_configure_optimizers=False,
-            seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
-            parser_class=ArgumentParser,
-            **kwargs,
-        )
+        super().__init__(LassoCompression, args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--checkpoint", type=str, required=True,
@@ -77,11 +65,10 @@ class CompressCLI(LightningCLI):
             datamodule=self.datamodule, run_dir=run_dir, module=dict(config.model), convergence=dict(config.convergence),
             trainer=trainer_settings, cache_dir=Path(config.cache_dir) if config.cache_dir else None,
             checkpoint_every=config.checkpoint_every, debias=config.debias, logger=logger,
-            is_global_zero=self.trainer.is_global_zero,
         )
         report = pipeline.run(list(config.layers), list(config.lambdas), list(config.path) if config.path else None)
         report["checkpoint"] = str(config.checkpoint)
-        if self.trainer.is_global_zero:
+        if pipeline.is_global_zero:
             written = write_report(report, run_dir, config.report, logger)
             rank_zero_info("\n" + format_report(report) + "\n\nwritten: " + ", ".join(map(str, written)) +
                            f", {report['network']}")

@@ -13,6 +13,7 @@ and a before/after report.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LambdaCallback, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
 from callbacks.convergence import Convergence
@@ -89,7 +90,11 @@ class CompressionPipeline:
     checkpoint_every: int = 200
     debias: bool = False
     logger: Optional[TensorBoardLogger] = None
-    is_global_zero: bool = True
+
+    @property
+    def is_global_zero(self) -> bool:
+        """Whether this process writes files (always, except in DDP's other processes)."""
+        return rank_zero_only.rank == 0
 
     # --- passes over the data ----------------------------------------------------------
     def _pass_trainer(self) -> pl.Trainer:
@@ -129,17 +134,21 @@ class CompressionPipeline:
         if done.is_file():
             saved = torch.load(done, map_location="cpu", weights_only=True)
             return Solution(**saved)
-        module = LassoCompression(**self.module).attach(stats, lam, W if V0 is None else V0, layer)
-        if V0 is not None:  # warm start along a path overrides the init option
-            module.V.data.copy_(V0.to(torch.float64))
+        module = LassoCompression(**self.module).attach(stats, lam, W, layer, start=V0)
         convergence = Convergence(**self.convergence)
-        checkpoints = ModelCheckpoint(dirpath=fit_dir / "checkpoints", save_last=True, save_top_k=0,
-                                      every_n_train_steps=self.checkpoint_every)
-        settings = {k: self.trainer[k] for k in TRAINER_KEYS if k in self.trainer}
+        # The solve is small and runs on one device. Under DDP every process solves the same
+        # (all-reduced) problem identically, so all hold the same V; only rank 0 writes.
+        callbacks: list[pl.Callback] = [convergence]
+        if self.is_global_zero:
+            callbacks += [ModelCheckpoint(dirpath=fit_dir / "checkpoints", save_last=True, save_top_k=0,
+                                          every_n_train_steps=self.checkpoint_every), self._resume_hint(tag)]
         trainer = pl.Trainer(
-            **settings, max_steps=self.trainer.get("max_steps", 10_000), max_epochs=-1,
-            logger=TensorBoardLogger(self.run_dir, name="solve", version=tag, default_hp_metric=False),
-            callbacks=[convergence, checkpoints, self._resume_hint(tag)], enable_model_summary=False, num_sanity_val_steps=0,
+            accelerator=self.trainer.get("accelerator", "auto"), devices=self._solve_devices(),
+            max_steps=self.trainer.get("max_steps", 10_000), max_epochs=-1,
+            logger=TensorBoardLogger(self.run_dir, name="solve", version=tag, default_hp_metric=False)
+            if self.is_global_zero else False,
+            callbacks=callbacks, enable_checkpointing=self.is_global_zero, enable_model_summary=False,
+            enable_progress_bar=self.trainer.get("enable_progress_bar", True) and self.is_global_zero,
             log_every_n_steps=1,  # the module decides how often to log (its log_every)
         )
         last = fit_dir / "checkpoints" / "last.ckpt"
@@ -150,6 +159,12 @@ class CompressionPipeline:
             done.parent.mkdir(parents=True, exist_ok=True)
             torch.save(vars(solution), done)
         return solution
+
+    def _solve_devices(self) -> Any:
+        """This process's own device: under DDP on GPUs, process i solves on GPU i."""
+        if self.trainer.get("accelerator", "auto") == "cpu" or not torch.cuda.is_available():
+            return 1
+        return [int(os.environ.get("LOCAL_RANK", 0))]
 
     def _resume_hint(self, tag: str) -> LambdaCallback:
         """On Ctrl-C or a crash mid-solve, say how to continue from the last solver checkpoint."""

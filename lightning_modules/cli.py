@@ -103,20 +103,16 @@ class ArgumentParser(LightningArgumentParser):
         super().error(message, ex)
 
 
-class TrainCLI(LightningCLI):
-    """``python train.py --config X.yaml``: fit any LightningModule of the project on any
-    DataModule (both chosen by ``class_path`` in the config), then test the best checkpoint.
+class ProjectCLI(LightningCLI):
+    """What the project's entry points share: bare config names, no subcommand (``run=False``),
+    a seed of 0 unless the config says otherwise, the resolved config saved into the log
+    directory, and error messages that list the valid classes."""
 
-    Extra top-level fields: ``ckpt_path`` (resume, e.g. ``runs/<name>/version_0/checkpoints/last.ckpt``)
-    and ``test`` (run the test set after fitting; on by default).
-    """
-
-    def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
+    def __init__(self, model_class: Any, args: Sequence[str] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_defaults", {"default_root_dir": "runs"})
         super().__init__(
-            LightningModule,
+            model_class,
             LightningDataModule,
-            subclass_mode_model=True,
             subclass_mode_data=True,
             run=False,
             args=cli_args(args),
@@ -126,6 +122,18 @@ class TrainCLI(LightningCLI):
             parser_class=ArgumentParser,
             **kwargs,
         )
+
+
+class TrainCLI(ProjectCLI):
+    """``python train.py --config X.yaml``: fit any LightningModule of the project on any
+    DataModule (both chosen by ``class_path`` in the config), then test the best checkpoint.
+
+    Extra top-level fields: ``ckpt_path`` (resume, e.g. ``runs/<name>/version_0/checkpoints/last.ckpt``)
+    and ``test`` (run the test set after fitting; on by default).
+    """
+
+    def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(LightningModule, args, subclass_mode_model=True, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="Resume fitting from this checkpoint.")

@@ -89,9 +89,11 @@ class LassoCompression(pl.LightningModule):
         self.automatic_optimization = False
         self.stats: Optional[LassoStats] = None
 
-    def attach(self, stats: LassoStats, lam: float, W: Tensor, layer: str = "layer") -> "LassoCompression":
+    def attach(self, stats: LassoStats, lam: float, W: Tensor, layer: str = "layer",
+               start: Optional[Tensor] = None) -> "LassoCompression":
         """Set the problem: statistics of the layer, the penalty ``lam`` > 0, the trained
-        weight ``W`` (D, K) (the starting point when ``init='trained'``) and a name for logs."""
+        weight ``W`` (D, K) (the starting point when ``init='trained'``) and a name for logs.
+        ``start`` (D, K), a warm start such as the previous solution along a path, overrides ``init``."""
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
             raise ValueError(f"lambda must be a positive number (got {lam}); larger lambda removes more neurons")
         if tuple(W.shape) != (stats.D, stats.K):
@@ -100,7 +102,9 @@ class LassoCompression(pl.LightningModule):
         init = self.hparams.init
         if init == "auto":
             init = {"paper_adam": "random", "fista": "trained"}.get(self.hparams.solver, "zero")
-        if init == "trained":
+        if start is not None:
+            V0 = start.detach().to(torch.float64).clone()
+        elif init == "trained":
             V0 = W.detach().to(torch.float64).clone()
         elif init == "zero":
             V0 = torch.zeros(stats.D, stats.K, dtype=torch.float64)
