@@ -33,11 +33,11 @@ def format_report(report: dict[str, Any]) -> str:
                             ("latency_ms", "latency (ms, batch 1)", "{:14.2f}")):
         lines.append(f"{label:28s}{fmt.format(b[key])}{fmt.format(a[key])}{_change(b[key], a[key]):>10s}")
     lines.append("")
-    lines.append(f"{'layer':8s}{'module':14s}{'lambda':>9s}{'kept':>12s}{'MSE':>11s}{'rel. gap':>10s}{'steps':>7s}"
+    lines.append(f"{'layer':8s}{'module':14s}{'lambda':>9s}{'lam_max':>9s}{'kept':>12s}{'MSE':>11s}{'rel. gap':>10s}{'steps':>7s}"
                  f"{'solve s':>9s}{'stats s':>9s}  stop")
     for e in report["layers"]:
         lines.append(
-            f"{e['layer']:8s}{e['module']:14s}{e['lambda']:9.3g}{e['width_after']:>6d}/{e['width_before']:<5d}"
+            f"{e['layer']:8s}{e['module']:14s}{e['lambda']:9.3g}{e['lambda_max']:9.3g}{e['width_after']:>6d}/{e['width_before']:<5d}"
             f"{e['mse']:11.3e}{e['rel_gap']:10.1e}{e['steps']:7d}{e['seconds']:9.2f}{e['stats_seconds']:9.1f}  "
             f"{e['stop'].split(':')[0]}"
         )

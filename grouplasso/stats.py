@@ -79,7 +79,14 @@ class StatsAccumulator:
         r = y.to(self.G.device, torch.float64)
         if self.bias is not None:
             r = r - self.bias
-        self.G.addmm_(x.T, x)
+        # Weight decay leaves many ReLU inputs dead (zero on every sample): the product over
+        # the live columns only is exact and, with G's cost quadratic in them, much cheaper.
+        live = torch.nonzero(x.any(dim=0)).flatten()
+        if len(live) < 0.8 * self.K:
+            x_live = x[:, live]
+            self.G.index_put_((live[:, None], live[None, :]), x_live.T @ x_live, accumulate=True)
+        else:
+            self.G.addmm_(x.T, x)
         self.C.addmm_(r.T, x)
         self.s += r.square().sum()
         self.n += x.shape[0]

@@ -69,6 +69,21 @@ def test_statistics_streamed_equal_all_at_once_and_give_the_mse():
     assert mse(whole, V) == pytest.approx(direct, rel=1e-12)
 
 
+def test_statistics_with_dead_inputs_equal_the_dense_products():
+    # Dead ReLU inputs take the accumulator's live-columns path; G must not change.
+    rng = np.random.default_rng(3)
+    X = np.maximum(rng.standard_normal((64, 50)), 0.0)
+    X[:, ::2] = 0.0  # dead on every sample
+    X[:32, 1::4] = 0.0  # dead in the first batch only
+    Y = rng.standard_normal((64, 4))
+    acc = StatsAccumulator(50, 4)
+    for start in (0, 32):
+        acc.update(torch.from_numpy(X[start:start + 32]), torch.from_numpy(Y[start:start + 32]))
+    stats = acc.finalize()
+    torch.testing.assert_close(stats.G, torch.from_numpy(X.T @ X / 64), rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(stats.C, torch.from_numpy(Y.T @ X / 64), rtol=1e-13, atol=1e-15)
+
+
 @pytest.mark.parametrize("seed, lam", [(0, 0.05), (1, 0.2), (2, 0.5)])
 @pytest.mark.parametrize("name", ["working_set", "fista"])
 def test_solver_matches_cvxpy_objective_and_zero_columns(name, seed, lam):
