@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from scipy.linalg.blas import dsyrk
 from torch import Tensor
 
 
@@ -70,6 +71,7 @@ class StatsAccumulator:
         self.C = torch.zeros(D, K, dtype=torch.float64, device=device)
         self.s = torch.zeros((), dtype=torch.float64, device=device)
         self.n = torch.zeros((), dtype=torch.float64, device=device)
+        self._upper_only = self.G.device.type == "cpu"  # G holds x^T x's upper triangle (see update)
 
     @torch.no_grad()
     def update(self, x: Tensor, y: Tensor) -> None:
@@ -79,17 +81,25 @@ class StatsAccumulator:
         r = y.to(self.G.device, torch.float64)
         if self.bias is not None:
             r = r - self.bias
-        # Weight decay leaves many ReLU inputs dead (zero on every sample): the product over
-        # the live columns only is exact and, with G's cost quadratic in them, much cheaper.
-        live = torch.nonzero(x.any(dim=0)).flatten()
-        if len(live) < 0.8 * self.K:
-            x_live = x[:, live]
-            self.G.index_put_((live[:, None], live[None, :]), x_live.T @ x_live, accumulate=True)
-        else:
-            self.G.addmm_(x.T, x)
         self.C.addmm_(r.T, x)
         self.s += r.square().sum()
         self.n += x.shape[0]
+        # Weight decay leaves many ReLU inputs dead (zero on every sample): the product over
+        # the live columns only is exact and, with G's cost quadratic in them, much cheaper.
+        live = torch.nonzero(x.any(dim=0)).flatten()
+        dense = len(live) >= 0.8 * self.K
+        if not dense:
+            x = x[:, live]
+        if self._upper_only:
+            # BLAS dsyrk: x^T x at half the multiply-adds of a matrix product, upper triangle
+            # only (``finalize`` mirrors it). ``live`` ascends, so upper entries stay upper.
+            product = torch.from_numpy(dsyrk(1.0, x.contiguous().numpy().T, trans=0, lower=0))
+        else:
+            product = x.T @ x
+        if dense:
+            self.G += product
+        else:
+            self.G.index_put_((live[:, None], live[None, :]), product, accumulate=True)
 
     def all_reduce(self, reduce_sum: Callable[[Tensor], Tensor]) -> None:
         """Replace the sums by ``reduce_sum`` of them over all processes (e.g. the DDP strategy's reduce)."""
@@ -102,6 +112,8 @@ class StatsAccumulator:
         n = int(self.n.item())
         if n == 0:
             raise ValueError("no samples were accumulated: the data set is empty")
-        # Symmetrise: the sum is symmetric in exact arithmetic, solvers rely on it.
-        G = (self.G + self.G.T) / (2 * n)
+        if self._upper_only:
+            G = (torch.triu(self.G) + torch.triu(self.G, 1).T) / n
+        else:  # symmetric in exact arithmetic; solvers rely on it exactly
+            G = (self.G + self.G.T) / (2 * n)
         return LassoStats(G=G, C=self.C / n, s=float(self.s) / n, n=n)
