@@ -192,6 +192,8 @@ class CompressionPipeline:
         """Compress ``layers`` in order with ``lambdas`` (one per layer, or one for all); returns the report."""
         if not layers:
             raise ValueError("no layers to compress: set layers, e.g. [pen, last]")
+        for layer in layers:  # an unknown name first: its error lists the valid ones
+            resolve_layer_name(self.network, layer, self.arch)
         if len(lambdas) not in (1, len(layers)):
             raise ValueError(f"give one lambda for all layers or one per layer ({len(layers)}), got {len(lambdas)}")
         for lam in list(lambdas) + list(path or []):
