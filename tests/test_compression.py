@@ -27,6 +27,7 @@ from tests.helpers import REPO, small_compress_args
 # Small fractions of the briefly trained test network's lambda_max (0.016 for pen, 5.6 for
 # last), like the demo's (alexnet_fashion_compress.yaml): a few dozen neurons stay per layer.
 PEN, LAST = 5e-5, 0.01
+DEMO_TRAIN_SUBSET = 8192  # training images of demo_run's statistics
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +41,9 @@ def demo_run(tmp_path_factory, fashion_root, checkpoint):
     (more than the K = 4,096 inputs, so that the compressed layers generalise to the test set)."""
     folder = tmp_path_factory.mktemp("compress")
     report = compress(small_compress_args(folder, fashion_root, checkpoint, "--lambdas", f"[{PEN},{LAST}]",
-                                          "--data.init_args.train_subset", "8192",
                                           "--path", f"[{4 * LAST},{2 * LAST},{LAST},{LAST / 2}]",
-                                          "--report", str(folder / "extra" / "report.json")))
+                                          "--report", str(folder / "extra" / "report.json"),
+                                          train_subset=DEMO_TRAIN_SUBSET))
     return folder, report
 
 
@@ -95,7 +96,7 @@ def test_second_run_with_another_lambda_reuses_the_statistics(demo_run, fashion_
     cached = sorted((folder / "cache").glob("train-classifier.4-*.pt"))
     assert len(cached) == 1
     again = compress(small_compress_args(folder, fashion_root, checkpoint, "--layers", "[pen]",
-                                         "--lambdas", f"[{2 * PEN}]"))
+                                         "--lambdas", f"[{2 * PEN}]", train_subset=DEMO_TRAIN_SUBSET))
     assert again["layers"][0]["stats_seconds"] == 0.0  # read from the cache, not recomputed
     assert again["layers"][0]["width_after"] < first["layers"][0]["width_after"]
     # a cache file that does not describe what is asked for is ignored, never trusted
