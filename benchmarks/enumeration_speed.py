@@ -5,9 +5,9 @@ of size K is ``trial_rng(seed, 5, K, t)``), alternately trial by trial so that l
 shared machine affects both alike. Prints, per trial, both answers, times and cvxpy solves,
 then the speed-up (total exhaustive time / total fast time) and how many answers agree.
 
-    python benchmarks/enumeration_speed.py                  # K = 11, 5 trials
-    python benchmarks/enumeration_speed.py --K 9 --trials 20 --compiled
-    python benchmarks/enumeration_speed.py --K 10 --start 610 --trials 1   # a near-tie (below)
+    python -m benchmarks.enumeration_speed                  # K = 11, 5 trials
+    python -m benchmarks.enumeration_speed --K 9 --trials 20 --compiled
+    python -m benchmarks.enumeration_speed --K 10 --start 610 --trials 1   # a near-tie (below)
 
 ``--compiled`` also times the exhaustive search on compiled parametrised cvxpy problems,
 to separate what the smaller search gains from what avoiding cvxpy's re-compilation gains.
@@ -23,12 +23,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from experiments.random_problems import gaussian_problem, trial_rng  # noqa: E402
-from experiments.sparsest import SparsestResult, sparsest_exhaustive, sparsest_fast  # noqa: E402
+from experiments.random_problems import gaussian_problem, trial_rng
+from experiments.sparsest import SparsestResult, sparsest_exhaustive, sparsest_fast
 
 
 def timed(fn: Callable[[], SparsestResult]) -> tuple[SparsestResult, float]:
@@ -88,4 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from cli.setup import configure_process
+
+    configure_process()
     sys.exit(main())

@@ -23,7 +23,7 @@ timed side by side in this one process, against the same optimum:
 - plain FISTA on all columns and the paper's Adam procedure (from a random V, mu = 0.07,
   1,500 iterations) for what they reach.
 
-    python benchmarks/solver_speed.py [--checkpoint runs/alexnet_fashion/demo/checkpoints/best.ckpt]
+    python -m benchmarks.solver_speed [--checkpoint runs/alexnet_fashion/demo/checkpoints/best.ckpt]
         [--lam 0.01] [--cap 600] [--skip sklearn] [--out benchmarks/results/solver_speed.json]
 """
 from __future__ import annotations
@@ -31,17 +31,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.features import fashion_features  # noqa: E402
-from grouplasso import SOLVERS, LassoStats, StatsAccumulator, objective  # noqa: E402
-from grouplasso.prox import group_norms  # noqa: E402
+from benchmarks.features import fashion_features
+from grouplasso import SOLVERS, LassoStats, StatsAccumulator, objective
+from grouplasso.prox import group_norms
 
 
 def statistics(X: np.ndarray, Yc: np.ndarray, batch: int = 2048) -> LassoStats:
@@ -69,7 +67,7 @@ def ours_lightning(stats: LassoStats, lam: float, tol: float) -> dict:
     import pytorch_lightning as pl
 
     from callbacks.convergence import Convergence
-    from lightning_modules.compression import LassoCompression
+    from lightning_modules.lasso import LassoCompression
 
     module = LassoCompression(solver="auto").attach(stats, lam, torch.zeros(stats.D, stats.K), "last")
     convergence = Convergence(tol=tol, verbose=False)
@@ -219,4 +217,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from cli.setup import configure_process
+
+    configure_process()
     main()

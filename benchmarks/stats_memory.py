@@ -6,7 +6,7 @@ the same batches are also collected into the (N, K) matrix that scikit-learn and
 Each measurement runs in a fresh process and reads its peak resident memory (VmHWM), for
 N and 10 N side by side.
 
-    python benchmarks/stats_memory.py [--n 6000] [--factor 10]
+    python -m benchmarks.stats_memory [--n 6000] [--factor 10]
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ def measure(mode: str, n: int, K: int, D: int, batch: int) -> None:
     """Runs inside the child process: stream ``n`` samples and print the peak memory."""
     import torch
 
-    sys.path.insert(0, str(REPO))
     from grouplasso import StatsAccumulator
 
     g = torch.Generator().manual_seed(0)
@@ -68,8 +67,9 @@ def main() -> None:
     rows = {}
     for mode in ("stream", "materialise"):
         for n in (args.n, args.factor * args.n):
-            out = subprocess.run([sys.executable, __file__, "--child", mode, str(n), "--K", str(args.K), "--D",
-                                  str(args.D), "--batch", str(args.batch)], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, "-m", "benchmarks.stats_memory", "--child", mode, str(n),
+                                  "--K", str(args.K), "--D", str(args.D), "--batch", str(args.batch)],
+                                 cwd=REPO, capture_output=True, text=True, check=True)
             rows[mode, n] = float(out.stdout.strip().splitlines()[-1])
     print(f"K={args.K}, D={args.D}, batches of {args.batch}; peak memory added by the pass (MiB):")
     print(f"{'':34s}{'N=' + str(args.n):>12s}{'N=' + str(args.factor * args.n):>12s}{'ratio':>8s}")
@@ -80,4 +80,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from cli.setup import configure_process
+
+    configure_process()
     main()

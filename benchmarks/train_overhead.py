@@ -6,24 +6,22 @@ in one process and the best round of each is compared, so drift on a shared mach
 affects both alike. Lightning runs as train.py would: TensorBoard logging, torchmetrics
 accuracy, checkpointing off (it happens once per epoch, not per step).
 
-    python benchmarks/train_overhead.py [--steps 30] [--rounds 2] [--batch-size 128]
+    python -m benchmarks.train_overhead [--steps 30] [--rounds 2] [--batch-size 128]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import Timer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from datamodules.fashion_mnist import FashionMNISTDataModule  # noqa: E402
-from lightning_modules.classifier import Classifier  # noqa: E402
-from models import build_model  # noqa: E402
+from datamodules.fashion_mnist import FashionMNISTDataModule
+from lightning_modules.classifier import Classifier
+from models import build_model
 
 
 def plain_loop(loader, steps: int, lr: float, weight_decay: float) -> float:
@@ -42,25 +40,17 @@ def plain_loop(loader, steps: int, lr: float, weight_decay: float) -> float:
     return images_seen / (time.perf_counter() - start)
 
 
-class _Timer(pl.Callback):
-    def on_train_start(self, trainer, pl_module):
-        self.start = time.perf_counter()
-
-    def on_train_end(self, trainer, pl_module):
-        self.seconds = time.perf_counter() - self.start
-
-
 def lightning_loop(dm, steps: int, lr: float, weight_decay: float, log_dir: str) -> float:
     torch.manual_seed(0)
     module = Classifier("alexnet", 10, optimizer="adam", lr=lr, weight_decay=weight_decay)
-    timer = _Timer()
+    timer = Timer()  # from the start to the end of training, like the plain loop's clock
     trainer = pl.Trainer(
         max_steps=steps, accelerator="cpu", devices=1, limit_val_batches=0, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
         logger=pl.loggers.TensorBoardLogger(log_dir, name="overhead"), log_every_n_steps=10,
     )
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
-    return steps * dm.hparams.batch_size / timer.seconds
+    return steps * dm.hparams.batch_size / timer.time_elapsed("train")
 
 
 def main() -> None:
@@ -89,4 +79,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from cli.setup import configure_process
+
+    configure_process()
     main()

@@ -2,7 +2,7 @@
 
 One panel per output j: every neuron active for that output is a dot at (theta, offset),
 where relu(w.x + b) = ||w|| relu(e_theta.x + offset) with e_theta = (cos theta, sin theta)
-(``experiments.shallow_relu.knots``); the dot's area is proportional to |V[j, k]| ||(w_k, b_k)||
+(``models.shallow_relu.knots``); the dot's area is proportional to |V[j, k]| ||(w_k, b_k)||
 (the neuron's weight for output j at unit input norm), red for a positive weight, blue for
 a negative one, outlined in black if the neuron is active for every output (shared). The
 teacher's neurons are black crosses. With weight decay the survivors sit at (or near) the
@@ -16,16 +16,13 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pytorch_lightning as pl
+import torch
+from matplotlib.figure import Figure
+from pytorch_lightning.callbacks import Callback
 
-matplotlib.use("Agg")  # files only: no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from pytorch_lightning.callbacks import Callback  # noqa: E402
-
-from experiments.shallow_relu import ShallowReLU, active_mask, amplitudes, knots, neuron_report  # noqa: E402
+from models.shallow_relu import ShallowReLU, active_mask, amplitudes, knots, neuron_report
 
 
 def draw_neuron_sharing(net: ShallowReLU, active_tol: float, teacher: Optional[ShallowReLU] = None,

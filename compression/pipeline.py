@@ -1,23 +1,26 @@
 """Layer-by-layer compression of a trained network, from statistics to a smaller network.
 
-For every requested layer, in order, on the network compressed so far:
-1. statistics of the layer over the training split (eval transforms), cached on disk;
-2. optionally a regularisation path (warm-started, largest lambda first), each point
-   certified by its duality gap and evaluated on the test set;
-3. the multi-task lasso at the chosen lambda (``LassoCompression`` with a fresh Trainer
-   per solve, stopped by ``Convergence``, checkpointed so that an interrupted run resumes);
-4. optional debiasing, then surgery: the neurons feeding zero columns are deleted.
-The result is an ordinary, smaller nn.Module, saved with ``models.checkpoints.save_network``,
-and a before/after report.
+``CompressionPipeline.run`` has three parts:
+1. ``plan``: every input checked once, before any pass over the data (layer names,
+   lambdas, ratios, targets), so that a mistake costs nothing;
+2. ``compress_layer`` for every requested layer, in order, on the network compressed so
+   far: the layer's statistics over the training split (through the head-input cache of
+   ``compression.passes``), the lambda (given, a ratio of lambda_max, or searched for a
+   target by ``compression.search``), an optional regularisation path, the certified
+   solve (``LassoCompression`` with a fresh Trainer per solve, stopped by
+   ``Convergence``, checkpointed so that an interrupted run resumes), optional debiasing,
+   then surgery: the neurons feeding zero columns are deleted;
+3. ``finish``: the smaller network saved (``models.checkpoints.save_network``), optional
+   recovery fine-tuning (``compression.finetune``), and the before/after report.
 """
 from __future__ import annotations
 
 import math
-import os
-import time
+import shutil
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -27,28 +30,17 @@ from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
 from callbacks.convergence import Convergence
-from compression.cache import describe, load_pass, save_pass
-from grouplasso import LassoStats, debias, lambda_max, mse, objective
-from lightning_modules.compression import LassoCompression
-from lightning_modules.network_pass import PassResult, run_pass
+from compression.finetune import FinetuneSettings, finetune
+from compression.passes import DataPasses, head_of, tail_accuracy
+from compression.search import Candidate, LambdaSearch
+from compression.settings import Target, TrainerSettings
+from grouplasso import LassoStats, active_columns, check_lambda, debias, lambda_max, mse, objective
+from lightning_modules.lasso import LassoCompression
+from lightning_modules.network_pass import PassResult
 from models.checkpoints import save_network
 from models.layers import analyse_layer, resolve_layer_name
 from models.profile import count_macs, count_parameters, latency_ms, linear_widths
-from models.surgery import kept_columns, remove_neurons, with_weight
-
-# Trainer settings of the config that every Trainer the pipeline makes inherits.
-TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "enable_progress_bar")
-
-
-def check_lambda(stats: LassoStats, lam: float, layer: str) -> None:
-    """Refuse a lambda at which every neuron goes: V = 0 is optimal from lambda_max up."""
-    top = lambda_max(stats)
-    if lam >= top:
-        raise ValueError(
-            f"lambda={lam:g} removes every neuron feeding {layer!r}: for this layer V = 0 is optimal from "
-            f"lambda_max={top:.4g} up. Choose lambda below it (0.1 * lambda_max = {0.1 * top:.3g} is a usual start), "
-            "or pass --path with several values to see width against accuracy"
-        )
+from models.surgery import remove_neurons
 
 
 @dataclass
@@ -62,20 +54,56 @@ class Solution:
     seconds: float
     reason: str
 
+    def save(self, path: Path) -> None:
+        """Write the solution; V by its nonzero columns (a dense pen-layer V is 134 MB)."""
+        keep = active_columns(self.V)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({**vars(self), "V": self.V[:, keep].clone(), "columns": keep, "K": self.V.shape[1]}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Solution":
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        V = torch.zeros(saved["V"].shape[0], saved.pop("K"), dtype=saved["V"].dtype)
+        V[:, saved.pop("columns")] = saved["V"]
+        return cls(**{**saved, "V": V})
+
     def summary(self, stats: LassoStats) -> dict[str, Any]:
         return {
-            "lambda": self.lam, "active": int(len(kept_columns(self.V))), "mse": float(mse(stats, self.V)),
-            "objective": float(objective(stats, self.V, self.lam)), "rel_gap": self.rel_gap,
+            "lambda": self.lam, "active": len(active_columns(self.V)), "mse": mse(stats, self.V),
+            "objective": objective(stats, self.V, self.lam), "rel_gap": self.rel_gap,
             "steps": self.steps, "seconds": round(self.seconds, 3), "stop": self.reason,
         }
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What to do with one layer: ``how`` is ``lambda``, ``ratio``, ``width`` or ``accuracy``;
+    ``value`` the lambda, the ratio of lambda_max, the width, or the accuracy floor (a fraction)."""
+
+    layer: str
+    module: str
+    how: str
+    value: float
+
+
+def check_ratio(ratio: float, what: str = "lambda ratio") -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise ValueError(f"{what} must be in (0, 1), a fraction of each layer's lambda_max; got {ratio!r}")
+    return float(ratio)
+
+
+def _per_layer(values: list, layers: list[str], what: str) -> list:
+    if len(values) not in (1, len(layers)):
+        raise ValueError(f"give one {what} for all layers or one per layer ({len(layers)}), got {len(values)}")
+    return list(values) * len(layers) if len(values) == 1 else list(values)
 
 
 @dataclass
 class CompressionPipeline:
     """Compress ``network`` (in eval mode) layer by layer; see the module doc.
 
-    ``trainer`` holds Trainer settings (``TRAINER_KEYS`` and ``max_steps``); ``module`` the
-    ``LassoCompression`` arguments; ``convergence`` the ``Convergence`` arguments.
+    ``make_module(**overrides)`` builds a ``LassoCompression`` with the config's solver
+    settings, ``make_convergence()`` the stopping rule, ``trainer`` makes every Trainer.
     """
 
     network: nn.Module
@@ -83,72 +111,87 @@ class CompressionPipeline:
     num_classes: int
     datamodule: pl.LightningDataModule
     run_dir: Path
-    module: dict[str, Any] = field(default_factory=dict)
-    convergence: dict[str, Any] = field(default_factory=dict)
-    trainer: dict[str, Any] = field(default_factory=dict)
+    make_module: Callable[..., LassoCompression] = LassoCompression
+    make_convergence: Callable[[], Convergence] = Convergence
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
     cache_dir: Optional[Path] = Path(".cache/passes")
     checkpoint_every: int = 200
     debias: bool = False
     logger: Optional[TensorBoardLogger] = None
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    train_hparams: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_global_zero(self) -> bool:
         """Whether this process writes files (always, except in DDP's other processes)."""
         return rank_zero_only.rank == 0
 
-    # --- passes over the data ----------------------------------------------------------
-    def _pass_trainer(self) -> pl.Trainer:
-        settings = {k: self.trainer[k] for k in TRAINER_KEYS if k in self.trainer}
-        return pl.Trainer(**settings, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                          inference_mode=False)
+    @property
+    def solver(self) -> str:
+        return self.make_module().hparams.solver
 
-    def network_pass(self, network: nn.Module, split: str, layer: Optional[str] = None) -> tuple[PassResult, float]:
-        """Loss, accuracy (and ``layer``'s statistics) of ``network`` on ``split``, from the cache when
-        possible; returns the result and the seconds spent (0 for a cache hit)."""
-        description = describe(network, layer, self.datamodule, split) if self.cache_dir else None
-        if description is not None and (hit := load_pass(self.cache_dir, description)) is not None:
-            return hit, 0.0
-        loader = self.datamodule.train_eval_dataloader() if split == "train" else self.datamodule.test_dataloader()
-        start = time.perf_counter()
-        result = run_pass(self._pass_trainer(), network, loader, layer)
-        seconds = time.perf_counter() - start
-        network.cpu()
-        if description is not None and self.is_global_zero:
-            save_pass(self.cache_dir, description, result)
-        return result, seconds
+    # --- 1. inputs, checked once ------------------------------------------------------------
+    def plan(self, layers: list[str], lambdas: Optional[list[float]] = None,
+             lambda_ratios: Optional[list[float]] = None, target: Optional[Target] = None) -> list[LayerPlan]:
+        """One ``LayerPlan`` per layer; raises ``ValueError`` naming the problem and the fix."""
+        if not layers:
+            raise ValueError("no layers to compress: set layers, e.g. [pen, last]")
+        modules = [resolve_layer_name(self.network, layer, self.arch) for layer in layers]  # errors list valid names
+        target = target or Target()
+        chosen = [name for name, given in (("lambdas", lambdas), ("lambda_ratios", lambda_ratios),
+                                           ("target.width", target.width),
+                                           ("target.max_accuracy_drop", target.max_accuracy_drop)) if given is not None]
+        if len(chosen) != 1:
+            raise ValueError("say how much to compress with exactly one of --target.max_accuracy_drop (points of "
+                             "validation accuracy), --target.width, --lambda_ratios (fractions of lambda_max) or "
+                             f"--lambdas; got {', '.join(chosen) or 'none'}")
+        if lambdas is not None:
+            values, how = [check_lambda(v) for v in _per_layer(lambdas, layers, "lambda")], "lambda"
+        elif lambda_ratios is not None:
+            values, how = [check_ratio(v) for v in _per_layer(lambda_ratios, layers, "lambda ratio")], "ratio"
+        elif target.width is not None:
+            values, how = _per_layer(target.width, layers, "width"), "width"
+            for layer, module, k in zip(layers, modules, values):
+                K = self.network.get_submodule(module).in_features
+                if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= K:
+                    raise ValueError(f"target width {k!r} for {layer!r} is not possible: it has {K} input neurons; "
+                                     f"choose 1 to {K}")
+        else:
+            budget = target.max_accuracy_drop
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < 100:
+                raise ValueError(f"target.max_accuracy_drop is in percentage points of validation accuracy, from 0 "
+                                 f"(no loss allowed) to below 100; got {budget!r}")
+            # Shared out in equal parts, cumulatively: after layer i of n the network may have lost
+            # i/n of the budget, so what one layer leaves unused passes to the next.
+            values, how = [budget * (i + 1) / len(layers) for i in range(len(layers))], "accuracy"
+        if how in ("width", "accuracy") and self.solver == "paper_adam":
+            raise ValueError("targets need a certified solver (model.solver: auto); paper_adam reproduces the paper's "
+                             "absolute lambdas: give them with --lambdas")
+        head_of(self.network, modules)
+        return [LayerPlan(layer, module, how, float(v)) for layer, module, v in zip(layers, modules, values)]
 
-    def profile(self, network: nn.Module, train: PassResult, test: PassResult) -> dict[str, Any]:
-        shape = tuple(self.datamodule.test_set[0][0].shape)
-        return {
-            "train_loss": train.loss, "train_accuracy": train.accuracy, "test_accuracy": test.accuracy,
-            "parameters": count_parameters(network), "macs": count_macs(network, shape),
-            "latency_ms": latency_ms(network, shape, batch_size=1), "widths": linear_widths(network),
-        }
-
-    # --- solving ----------------------------------------------------------------------
-    def solve(self, stats: LassoStats, lam: float, W: Tensor, layer: str, tag: str, V0: Optional[Tensor] = None) -> Solution:
+    # --- solving ----------------------------------------------------------------------------
+    def solve(self, stats: LassoStats, lam: float, W: Tensor, layer: str, tag: str, V0: Optional[Tensor] = None,
+              **module_overrides: Any) -> Solution:
         """One multi-task lasso solve with a fresh Trainer; resumes from ``<run_dir>/solve/<tag>``
         when an earlier, interrupted run left a checkpoint there, and returns a finished one's result."""
         fit_dir = self.run_dir / "solve" / tag
         done = fit_dir / "solution.pt"
         if done.is_file():
-            saved = torch.load(done, map_location="cpu", weights_only=True)
-            return Solution(**saved)
-        module = LassoCompression(**self.module).attach(stats, lam, W, layer, start=V0)
-        convergence = Convergence(**self.convergence)
-        # The solve is small and runs on one device. Under DDP every process solves the same
-        # (all-reduced) problem identically, so all hold the same V; only rank 0 writes.
+            return Solution.load(done)
+        module = self.make_module(**module_overrides).attach(stats, lam, W, layer, start=V0)
+        convergence = self.make_convergence()
+        # Under DDP every process solves the same (all-reduced) problem identically, so all
+        # hold the same V; only rank 0 writes.
         callbacks: list[pl.Callback] = [convergence]
         if self.is_global_zero:
             callbacks += [ModelCheckpoint(dirpath=fit_dir / "checkpoints", save_last=True, save_top_k=0,
-                                          every_n_train_steps=self.checkpoint_every), self._resume_hint(tag)]
-        trainer = pl.Trainer(
-            accelerator=self.trainer.get("accelerator", "auto"), devices=self._solve_devices(),
-            max_steps=self.trainer.get("max_steps", 10_000), max_epochs=-1,
+                                          every_n_train_steps=self.checkpoint_every, save_on_train_epoch_end=False),
+                          self._resume_hint(tag)]
+        trainer = self.trainer.single_device(
+            self.is_global_zero, callbacks=callbacks, enable_checkpointing=self.is_global_zero,
             logger=TensorBoardLogger(self.run_dir, name="solve", version=tag, default_hp_metric=False)
             if self.is_global_zero else False,
-            callbacks=callbacks, enable_checkpointing=self.is_global_zero, enable_model_summary=False,
-            enable_progress_bar=self.trainer.get("enable_progress_bar", True) and self.is_global_zero,
             log_every_n_steps=1,  # the module decides how often to log (its log_every)
         )
         last = fit_dir / "checkpoints" / "last.ckpt"
@@ -156,15 +199,9 @@ class CompressionPipeline:
         solution = Solution(V=module.solver.V.detach().cpu().clone(), lam=lam, rel_gap=convergence.rel_gap,
                             steps=convergence.steps, seconds=convergence.seconds, reason=convergence.reason)
         if self.is_global_zero:
-            done.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(vars(solution), done)
+            solution.save(done)
+            shutil.rmtree(fit_dir / "checkpoints", ignore_errors=True)  # only an unfinished solve needs them
         return solution
-
-    def _solve_devices(self) -> Any:
-        """This process's own device: under DDP on GPUs, process i solves on GPU i."""
-        if self.trainer.get("accelerator", "auto") == "cpu" or not torch.cuda.is_available():
-            return 1
-        return [int(os.environ.get("LOCAL_RANK", 0))]
 
     def _resume_hint(self, tag: str) -> LambdaCallback:
         """On Ctrl-C or a crash mid-solve, say how to continue from the last solver checkpoint."""
@@ -173,69 +210,191 @@ class CompressionPipeline:
                            f"continue from its last checkpoint with: python compress.py ... --resume {self.run_dir}")
         return LambdaCallback(on_exception=hint)
 
-    def regularisation_path(self, network: nn.Module, stats: LassoStats, path_lambdas: list[float], layer: str,
-                            module_path: str) -> tuple[list[dict[str, Any]], dict[float, Solution]]:
+    def _check_below_lambda_max(self, lam: float, top: float, layer: str) -> None:
+        """V = 0 is optimal from lambda_max up: refuse, except for the paper's procedure,
+        which is not this problem's solver and runs as published (with a warning)."""
+        if lam < top:
+            return
+        if self.solver == "paper_adam":
+            rank_zero_warn(f"lambda={lam:g} is above lambda_max={top:.4g} of {layer!r}: the exact optimum of the "
+                           "problem at this lambda removes every neuron (V = 0). The paper's Adam procedure runs "
+                           "as published anyway; the report adds the certified optimum of the same width")
+            return
+        raise ValueError(
+            f"lambda={lam:g} removes every neuron feeding {layer!r}: for this layer V = 0 is optimal from "
+            f"lambda_max={top:.4g} up. Choose lambda below it, or give fractions of it with --lambda_ratios "
+            "(0.1 is a usual start), or a target (--target.width, --target.max_accuracy_drop)"
+        )
+
+    def regularisation_path(self, network: nn.Module, stats: LassoStats, lambdas: list[float], plan: LayerPlan,
+                            passes: DataPasses) -> list[dict[str, Any]]:
         """Solve for every lambda, largest first, each warm-started from the previous solution;
-        evaluate each zeroed network on the test set."""
-        W = network.get_submodule(module_path).weight.detach()
-        rows, solutions, V0 = [], {}, None
-        for lam in sorted(path_lambdas, reverse=True):
-            solution = self.solve(stats, lam, W, layer, tag=f"{layer}-path-lam{lam:g}", V0=V0)
+        evaluate each on the test set from the layer's stored inputs."""
+        W = network.get_submodule(plan.module).weight.detach()
+        inputs, labels = passes.layer_inputs(network, "test", plan.module)
+        top, rows, V0 = lambda_max(stats), [], None
+        for lam in sorted(lambdas, reverse=True):
+            solution = self.solve(stats, lam, W, plan.layer, tag=f"{plan.layer}-lam{lam:.9g}", V0=V0)
             V0 = solution.V
-            test, _ = self.network_pass(with_weight(network, module_path, solution.V), "test")
-            rows.append({**solution.summary(stats), "test_accuracy": test.accuracy})
-            solutions[lam] = solution
-        return rows, solutions
+            accuracy = tail_accuracy(network, passes.head, plan.module, inputs, labels, self._final(stats, solution.V))
+            rows.append({**solution.summary(stats), "ratio": lam / top, "test_accuracy": accuracy})
+        return rows
 
-    # --- the whole job -----------------------------------------------------------------
-    def run(self, layers: list[str], lambdas: list[float], path: Optional[list[float]] = None) -> dict[str, Any]:
-        """Compress ``layers`` in order with ``lambdas`` (one per layer, or one for all); returns the report."""
-        if not layers:
-            raise ValueError("no layers to compress: set layers, e.g. [pen, last]")
-        for layer in layers:  # an unknown name first: its error lists the valid ones
-            resolve_layer_name(self.network, layer, self.arch)
-        if len(lambdas) not in (1, len(layers)):
-            raise ValueError(f"give one lambda for all layers or one per layer ({len(layers)}), got {len(lambdas)}")
-        for lam in list(lambdas) + list(path or []):
-            if not (isinstance(lam, (int, float)) and lam > 0 and math.isfinite(lam)):
-                raise ValueError(f"lambda must be a positive number, got {lam}; larger lambda removes more neurons")
-        lambdas = list(lambdas) * len(layers) if len(lambdas) == 1 else list(lambdas)
+    def _final(self, stats: LassoStats, V: Tensor) -> Tensor:
+        """What surgery uses of a solution: V, or its least-squares refit with ``debias``."""
+        return debias(stats, V) if self.debias else V
 
+    # --- 2. one layer ------------------------------------------------------------------------
+    def compress_layer(self, network: nn.Module, plan: LayerPlan, passes: DataPasses, reference: dict[str, Any],
+                       path: Optional[list[float]], path_ratios: Optional[list[float]]) -> tuple[nn.Module, dict]:
+        """Statistics, lambda, solve, surgery for one layer; returns the smaller network and the report entry."""
+        info = analyse_layer(network, plan.module)
+        train, stats_seconds = passes.evaluate(network, "train", plan.module)
+        stats = train.stats
+        top = lambda_max(stats)
+        W = network.get_submodule(plan.module).weight.detach()
+        entry: dict[str, Any] = {"layer": plan.layer, "module": plan.module, "lambda_max": top, "width_before": stats.K,
+                                 "stats_seconds": round(stats_seconds, 2), "samples": stats.n, "chosen_by": plan.how,
+                                 "debiased": self.debias}
+        rows = None
+        if path or path_ratios:
+            lambdas = path or [check_ratio(r, "path ratio") * top for r in path_ratios]
+            for lam in lambdas:
+                self._check_below_lambda_max(lam, top, plan.layer)
+            rows = self.regularisation_path(network, stats, lambdas, plan, passes)
+        solution: Optional[Solution] = None
+        if plan.how in ("lambda", "ratio"):
+            lam = plan.value if plan.how == "lambda" else plan.value * top
+            self._check_below_lambda_max(lam, top, plan.layer)
+            solution = self.solve(stats, lam, W, plan.layer, tag=f"{plan.layer}-lam{lam:.9g}")
+            V = solution.V
+        else:
+            found = self._search(network, stats, W, plan, passes, reference, entry)
+            V = W.to(torch.float64) if found is None else found.V
+            if found is not None:
+                solution = Solution(V=found.V, lam=found.lam, rel_gap=found.rel_gap, steps=0, seconds=found.seconds,
+                                    reason=found.resolved)
+        if solution is not None:
+            entry.update(solution.summary(stats))
+            entry["ratio"] = solution.lam / top
+        else:  # the budget is missed even at full width: the layer stays as it is
+            entry.update({"lambda": 0.0, "ratio": 0.0, "active": stats.K, "mse": mse(stats, V),
+                          "objective": mse(stats, V), "rel_gap": 0.0, "steps": 0, "seconds": 0.0,
+                          "stop": "kept at full width: no candidate met the accuracy budget"})
+        if rows is not None:
+            entry["path"] = rows
+        if self.solver == "paper_adam" and solution is not None:
+            entry["certified_same_width"] = self._certified_at_width(stats, W, plan, entry["active"])
+        V = self._final(stats, V) if solution is not None else V
+        entry["width_after"] = len(active_columns(V))
+        if self.debias:
+            entry["mse_debiased"] = mse(stats, V)
+        return remove_neurons(network, info, V).eval(), entry
+
+    def _searcher(self, stats: LassoStats, W: Tensor, plan: LayerPlan, evaluate: Optional[Callable[[Tensor], float]],
+                  **module_overrides: Any) -> LambdaSearch:
+        def solve(lam: float, V0: Optional[Tensor]) -> tuple[Tensor, float]:
+            solution = self.solve(stats, lam, W, plan.layer, tag=f"{plan.layer}-search-lam{lam:.9g}", V0=V0,
+                                  **module_overrides)
+            return solution.V, solution.rel_gap
+
+        return LambdaSearch(solve, lambda_max(stats), evaluate, on_candidate=partial(self._log_candidate, plan.layer))
+
+    def _search(self, network: nn.Module, stats: LassoStats, W: Tensor, plan: LayerPlan, passes: DataPasses,
+                reference: dict[str, Any], entry: dict[str, Any]) -> Optional[Candidate]:
+        """The candidate that meets the layer's target (None: an accuracy floor missed at every width)."""
+        if plan.how == "width":
+            search = self._searcher(stats, W, plan, None)
+            found = search.at_width(int(plan.value))
+        else:
+            inputs, labels = passes.layer_inputs(network, "val", plan.module)
+            floor = reference["val_accuracy"] - plan.value / 100
+            entry["val_accuracy_floor"] = floor
+            search = self._searcher(stats, W, plan, lambda V: tail_accuracy(
+                network, passes.head, plan.module, inputs, labels, self._final(stats, V)))
+            found = search.at_accuracy(floor)
+            if found is None:
+                rank_zero_warn(f"{plan.layer!r}: no width down to lambda = {search.min_ratio:g} * lambda_max keeps "
+                               f"validation accuracy at {100 * floor:.2f}% or above (the original network has "
+                               f"{100 * reference['val_accuracy']:.2f}%); the layer keeps its full width")
+        entry["candidates"] = [c.row() for c in search.candidates]
+        return found
+
+    def _certified_at_width(self, stats: LassoStats, W: Tensor, plan: LayerPlan, width: int) -> dict[str, Any]:
+        """The certified optimum (working-set solver) at the lambda that keeps ``width`` neurons."""
+        if width == 0:
+            return {"width": 0, "note": "the paper's procedure kept no neuron"}
+        found = self._searcher(stats, W, plan, None, solver="auto", init="auto").at_width(width)
+        return {"lambda": found.lam, "ratio": found.ratio, "width": found.width, "mse": mse(stats, found.V),
+                "objective": objective(stats, found.V, found.lam), "rel_gap": found.rel_gap, "resolved": found.resolved}
+
+    def _log_candidate(self, layer: str, candidate: Candidate) -> None:
+        if self.logger is None or not self.is_global_zero:
+            return
+        experiment, step = self.logger.experiment, getattr(self, "_candidates_logged", 0)
+        for key, value in candidate.row().items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                experiment.add_scalar(f"search/{layer}/{key}", value, step)
+        self._candidates_logged = step + 1
+
+    # --- 3. the result -------------------------------------------------------------------------
+    def profile(self, network: nn.Module, passes: DataPasses, with_val: bool) -> dict[str, Any]:
+        """Accuracy, loss and size of ``network``."""
+        train, _ = passes.evaluate(network, "train")
+        test, _ = passes.evaluate(network, "test")
+        shape = tuple(self.datamodule.test_set[0][0].shape)
+        out = {"train_loss": train.loss, "train_accuracy": train.accuracy, "test_accuracy": test.accuracy}
+        if with_val:
+            out["val_accuracy"] = passes.evaluate(network, "val")[0].accuracy
+        return {**out, "parameters": count_parameters(network), "macs": count_macs(network, shape),
+                "latency_ms": latency_ms(network, shape, batch_size=1), "widths": linear_widths(network)}
+
+    def finish(self, network: nn.Module, report: dict[str, Any], passes: DataPasses, with_val: bool) -> dict[str, Any]:
+        """Save the network, fine-tune it if asked, and complete the report."""
+        report["after"] = self.profile(network, passes, with_val)
+        saved = self.run_dir / "compressed.pt"
+        if self.is_global_zero:
+            save_network(network, saved, self.arch, self.num_classes, layers=report["layers"])
+        if self.finetune.epochs > 0:
+            report["after_surgery"] = report["after"]
+            tuned, details = finetune(saved, self.arch, self.num_classes, self.datamodule, self.finetune,
+                                      self.train_hparams, self.run_dir, self._finetune_trainer_kwargs())
+            report["finetune"] = details
+            network = tuned.eval()
+            report["after"] = self.profile(network, passes, with_val)
+            if self.is_global_zero:
+                save_network(network, saved, self.arch, self.num_classes, layers=report["layers"], finetune=details)
+        report["network"] = str(saved)
+        return report
+
+    def _finetune_trainer_kwargs(self) -> dict[str, Any]:
+        return {"accelerator": self.trainer.accelerator, "devices": self.trainer.devices,
+                "strategy": self.trainer.strategy, "num_nodes": self.trainer.num_nodes,
+                "enable_progress_bar": self.trainer.enable_progress_bar}
+
+    # --- the whole job -------------------------------------------------------------------------
+    def run(self, layers: list[str], lambdas: Optional[list[float]] = None,
+            lambda_ratios: Optional[list[float]] = None, target: Optional[Target] = None,
+            path: Optional[list[float]] = None, path_ratios: Optional[list[float]] = None) -> dict[str, Any]:
+        """Compress ``layers`` in order; returns the report (see the module doc)."""
+        plans = self.plan(layers, lambdas, lambda_ratios, target)
+        if path is not None and path_ratios is not None:
+            raise ValueError("give the path as --path (lambdas) or --path_ratios (fractions of lambda_max), not both")
+        for lam in path or []:
+            check_lambda(lam)
+        for ratio in path_ratios or []:
+            check_ratio(ratio, "path ratio")
         self.datamodule.prepare_data()
         self.datamodule.setup("fit")
         network = self.network.eval()
-        first = resolve_layer_name(network, layers[0], self.arch)
-        train, stats_seconds = self.network_pass(network, "train", first)
-        test, _ = self.network_pass(network, "test")
-        report: dict[str, Any] = {"before": self.profile(network, train, test), "layers": [], "paths": {}}
-
-        for i, (layer, lam) in enumerate(zip(layers, lambdas)):
-            module_path = resolve_layer_name(network, layer, self.arch)
-            info = analyse_layer(network, module_path)
-            if i > 0:  # statistics of the network compressed so far
-                train, stats_seconds = self.network_pass(network, "train", module_path)
-            stats = train.stats
-            check_lambda(stats, lam, layer)
-            W = network.get_submodule(module_path).weight.detach()
-            solutions: dict[float, Solution] = {}
-            if path:
-                rows, solutions = self.regularisation_path(network, stats, path, layer, module_path)
-                report["paths"][layer] = rows
-            solution = solutions.get(lam) or self.solve(stats, lam, W, layer, tag=f"{layer}-lam{lam:g}")
-            V = debias(stats, solution.V) if self.debias else solution.V
-            entry = {"layer": layer, "module": module_path, "lambda_max": lambda_max(stats), "width_before": stats.K,
-                     "width_after": int(len(kept_columns(V))), "stats_seconds": round(stats_seconds, 2),
-                     "samples": stats.n, "debiased": self.debias, **solution.summary(stats)}
-            if self.debias:
-                entry["mse_debiased"] = float(mse(stats, V))
+        passes = DataPasses(self.datamodule, head_of(network, [p.module for p in plans]), self.trainer,
+                            self.cache_dir, self.run_dir)
+        with_val = any(p.how == "accuracy" for p in plans)
+        report: dict[str, Any] = {"before": self.profile(network, passes, with_val), "layers": []}
+        for plan in plans:
+            network, entry = self.compress_layer(network, plan, passes, report["before"], path, path_ratios)
             report["layers"].append(entry)
-            network = remove_neurons(network, info, V).eval()
-
-        train, _ = self.network_pass(network, "train")
-        test, _ = self.network_pass(network, "test")
-        report["after"] = self.profile(network, train, test)
-        self.compressed = network
-        if self.is_global_zero:
-            report["network"] = str(save_network(network, self.run_dir / "compressed.pt", self.arch, self.num_classes,
-                                                 layers=report["layers"]))
+        report["paths"] = {e["layer"]: e.pop("path") for e in report["layers"] if "path" in e}
+        report = self.finish(network, report, passes, with_val)
+        report["passes_seconds"] = {k: round(v, 1) for k, v in passes.seconds.items()}
         return report

@@ -5,11 +5,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 
 def _change(before: float, after: float) -> str:
@@ -21,10 +18,14 @@ def format_report(report: dict[str, Any]) -> str:
     b, a = report["before"], report["after"]
     lines = [f"{'':28s}{'before':>14s}{'after':>14s}{'change':>10s}"]
     lines.append(f"{'train loss':28s}{b['train_loss']:14.4f}{a['train_loss']:14.4f}{_change(b['train_loss'], a['train_loss']):>10s}")
-    lines.append(
-        f"{'test accuracy':28s}{100 * b['test_accuracy']:13.2f}%{100 * a['test_accuracy']:13.2f}%"
-        f"{100 * (a['test_accuracy'] - b['test_accuracy']):+9.2f}pt"
-    )
+    for key, label in (("val_accuracy", "validation accuracy"), ("test_accuracy", "test accuracy")):
+        if key in b and key in a:
+            lines.append(f"{label:28s}{100 * b[key]:13.2f}%{100 * a[key]:13.2f}%{100 * (a[key] - b[key]):+9.2f}pt")
+    if "after_surgery" in report:
+        s, tuned = report["after_surgery"], report["finetune"]
+        lines.append(f"{'test accuracy after surgery':28s}{'':14s}{100 * s['test_accuracy']:13.2f}%"
+                     f"{100 * (s['test_accuracy'] - b['test_accuracy']):+9.2f}pt   "
+                     f"(then {tuned['epochs']} fine-tuning epochs, lr {tuned['lr']:g})")
     for entry in report["layers"]:
         label = f"width into {entry['module']}"
         lines.append(f"{label:28s}{entry['width_before']:14d}{entry['width_after']:14d}"
@@ -33,14 +34,30 @@ def format_report(report: dict[str, Any]) -> str:
                             ("latency_ms", "latency (ms, batch 1)", "{:14.2f}")):
         lines.append(f"{label:28s}{fmt.format(b[key])}{fmt.format(a[key])}{_change(b[key], a[key]):>10s}")
     lines.append("")
-    lines.append(f"{'layer':8s}{'module':14s}{'lambda':>9s}{'lam_max':>9s}{'kept':>12s}{'MSE':>11s}{'rel. gap':>10s}{'steps':>7s}"
-                 f"{'solve s':>9s}{'stats s':>9s}  stop")
+    lines.append(f"{'layer':8s}{'module':14s}{'by':>9s}{'lambda':>10s}{'lam_max':>10s}{'ratio':>9s}{'kept':>12s}"
+                 f"{'MSE':>11s}{'rel. gap':>10s}{'steps':>7s}{'solve s':>9s}{'stats s':>9s}  stop")
     for e in report["layers"]:
         lines.append(
-            f"{e['layer']:8s}{e['module']:14s}{e['lambda']:9.3g}{e['lambda_max']:9.3g}{e['width_after']:>6d}/{e['width_before']:<5d}"
+            f"{e['layer']:8s}{e['module']:14s}{e['chosen_by']:>9s}{e['lambda']:10.3g}{e['lambda_max']:10.3g}"
+            f"{e['ratio']:9.3g}{e['width_after']:>6d}/{e['width_before']:<5d}"
             f"{e['mse']:11.3e}{e['rel_gap']:10.1e}{e['steps']:7d}{e['seconds']:9.2f}{e['stats_seconds']:9.1f}  "
             f"{e['stop'].split(':')[0]}"
         )
+    for e in report["layers"]:
+        if "certified_same_width" in e:
+            c = e["certified_same_width"]
+            lines.append(f"{e['layer']}: the paper's procedure kept {e['active']} neurons (MSE {e['mse']:.3e}); the "
+                         f"certified optimum with {c['width']} neurons: lambda {c.get('lambda', 0):.3g}, "
+                         f"MSE {c.get('mse', float('nan')):.3e}")
+        if e.get("candidates"):
+            lines.append("")
+            floor = f", validation floor {100 * e['val_accuracy_floor']:.2f}%" if "val_accuracy_floor" in e else ""
+            lines.append(f"search of {e['layer']} ({len(e['candidates'])} certified candidates{floor}):")
+            lines.append(f"{'lambda':>10s}{'ratio':>10s}{'width':>7s}{'val acc':>9s}{'rel. gap':>10s}{'s':>7s}")
+            for c in e["candidates"]:
+                acc = f"{100 * c['val_accuracy']:8.2f}%" if "val_accuracy" in c else f"{'':9s}"
+                lines.append(f"{c['lambda']:10.3g}{c['ratio']:10.3g}{c['width']:7d}{acc}{c['rel_gap']:10.1e}"
+                             f"{c['seconds']:7.1f}")
     for layer, rows in report.get("paths", {}).items():
         lines.append("")
         lines.append(f"regularisation path of {layer}:")

@@ -1,7 +1,7 @@
 """CIFAR-10 through torchvision's own loader (``<root>/cifar-10-batches-py``)."""
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10
@@ -16,19 +16,8 @@ class CIFAR10DataModule(ImageDataModule):
 
     num_classes = 10
 
-    def __init__(
-        self,
-        root: str = "data",
-        batch_size: int = 256,
-        num_workers: int = 2,
-        val_fraction: float = 0.1,
-        train_subset: Optional[int] = None,
-        test_subset: Optional[int] = None,
-        seed: int = 0,
-        preset: Literal["alexnet", "vgg"] = "alexnet",
-        download: bool = False,
-    ) -> None:
-        super().__init__(root, batch_size, num_workers, val_fraction, train_subset, test_subset, seed, preset)
+    def __init__(self, *, preset: Literal["alexnet", "vgg"] = "alexnet", download: bool = False, **kwargs: Any) -> None:
+        super().__init__(preset=preset, **kwargs)
 
     def prepare_data(self) -> None:
         if self.hparams.download:

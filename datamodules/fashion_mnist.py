@@ -11,7 +11,7 @@ import argparse
 import gzip
 import shutil
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 from torch.utils.data import Dataset
 from torchvision.datasets import FashionMNIST
@@ -48,19 +48,9 @@ class FashionMNISTDataModule(ImageDataModule):
 
     num_classes = 10
 
-    def __init__(
-        self,
-        root: str = "data",
-        batch_size: int = 256,
-        num_workers: int = 2,
-        val_fraction: float = 0.1,
-        train_subset: Optional[int] = None,
-        test_subset: Optional[int] = None,
-        seed: int = 0,
-        preset: Literal["fashion_alexnet"] = "fashion_alexnet",
-        download: bool = False,
-    ) -> None:
-        super().__init__(root, batch_size, num_workers, val_fraction, train_subset, test_subset, seed, preset)
+    def __init__(self, *, preset: Literal["fashion_alexnet"] = "fashion_alexnet", download: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(preset=preset, **kwargs)
 
     def prepare_data(self) -> None:
         prepare_fashion_mnist(self.hparams.root, self.hparams.download)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
@@ -15,17 +15,10 @@ class ImageNetDataModule(ImageDataModule):
     (one folder per class, e.g. after torchvision's ``ImageNet`` preparation or the
     usual ``valprep.sh``) is the test set; validation is held out from ``train/``."""
 
-    def __init__(
-        self,
-        root: str = "data/imagenet",
-        batch_size: int = 256,
-        num_workers: int = 8,
-        val_fraction: float = 0.01,
-        train_subset: Optional[int] = None,
-        test_subset: Optional[int] = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(root, batch_size, num_workers, val_fraction, train_subset, test_subset, seed, preset="imagenet")
+    def __init__(self, *, root: str = "data/imagenet", num_workers: int = 8, val_fraction: float = 0.01,
+                 **kwargs: Any) -> None:
+        # Only the defaults that differ from ImageDataModule's are repeated here.
+        super().__init__(root=root, num_workers=num_workers, val_fraction=val_fraction, preset="imagenet", **kwargs)
 
     @property
     def num_classes(self) -> int:  # type: ignore[override]

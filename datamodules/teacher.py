@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from experiments.shallow_relu import ShallowReLU
+from models.shallow_relu import ShallowReLU
 
 
 class TeacherDataModule(pl.LightningDataModule):

@@ -1,12 +1,10 @@
 """The paper's image transforms, by preset name: (train transform, deterministic eval transform)."""
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from torchvision.transforms import v2
-
-Preset = Literal["alexnet", "vgg", "imagenet", "fashion_alexnet"]
 
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)

@@ -216,4 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from cli.setup import configure_process
+
+    configure_process()
     sys.exit(main())

@@ -2,19 +2,20 @@
 
 Everything that thresholds columns, accumulates statistics, evaluates the objective,
 certifies a solution or solves the problem calls into this package:
-``prox`` (the group soft-threshold), ``stats`` (G, C, s), ``objective`` (MSE, F, gradient,
-duality gap, debiasing), ``solvers`` (FISTA, the paper's Adam procedure) and
-``working_set`` (the default solver).
+``prox`` (the group soft-threshold, active columns), ``stats`` (G, C, s), ``problem``
+(MSE, F, gradient, lambda_max, duality gap, debiasing), ``solvers`` (FISTA, the paper's
+Adam procedure) and ``working_set`` (the default solver).
 """
 from grouplasso.problem import (
-    DualityGap, debias, duality_gap, gradient, group_norm, lambda_max, lipschitz, mse, objective, residual_energy,
+    DualityGap, check_lambda, debias, duality_gap, gradient, group_norm, lambda_max, lipschitz, mse, objective, residual_energy,
 )
-from grouplasso.prox import group_norms, group_soft_threshold
+from grouplasso.prox import active_columns, group_norms, group_soft_threshold
 from grouplasso.solvers import FISTA, PaperAdam, Solver
 from grouplasso.stats import LassoStats, StatsAccumulator
 from grouplasso.working_set import WorkingSet
 
-# Solver names as configs spell them; ``auto`` is the fastest (see benchmarks/solver_speed.py).
+# Solver names as configs spell them (the one list: ``LassoCompression``'s choices derive from
+# it); ``auto`` is the fastest (see benchmarks/solver_speed.py).
 SOLVERS: dict[str, type[Solver]] = {
     "auto": WorkingSet,
     "working_set": WorkingSet,
@@ -23,7 +24,7 @@ SOLVERS: dict[str, type[Solver]] = {
 }
 
 __all__ = [
-    "SOLVERS", "DualityGap", "FISTA", "LassoStats", "PaperAdam", "Solver", "StatsAccumulator", "WorkingSet",
+    "SOLVERS", "DualityGap", "active_columns", "check_lambda", "FISTA", "LassoStats", "PaperAdam", "Solver", "StatsAccumulator", "WorkingSet",
     "debias", "duality_gap", "gradient", "group_norm", "group_norms", "group_soft_threshold", "lambda_max", "lipschitz",
     "mse",
     "objective", "residual_energy",

@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from grouplasso.prox import group_norms
+from grouplasso.prox import active_columns, group_norms
 from grouplasso.stats import LassoStats
 
 
 def times_gram(stats: LassoStats, V: Tensor) -> Tensor:
     """V G (D, K), reading only the rows of G of V's nonzero columns: solutions are sparse,
     and this product is the cost of every gradient and certificate."""
-    active = torch.nonzero(group_norms(V) > 0).flatten()
+    active = active_columns(V)
     if 2 * len(active) >= stats.K:
         return V @ stats.G
     return V[:, active] @ stats.G[active]
@@ -83,6 +83,13 @@ def largest_eigenvalue(G: Tensor, tol: float = 1e-10, max_iter: int = 1000) -> f
     return new * 1.001
 
 
+def check_lambda(lam: float) -> float:
+    """``lam`` as a float if it is a positive finite number; the one error for any other."""
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam > 0):
+        raise ValueError(f"lambda must be a positive number, got {lam!r}; larger lambda removes more neurons")
+    return float(lam)
+
+
 def lambda_max(stats: LassoStats) -> float:
     """The smallest lam for which V = 0 is optimal: (2/D) max_k ||C[:, k]||. Every useful
     lambda lies below it."""
@@ -131,7 +138,7 @@ def duality_gap(stats: LassoStats, V: Tensor, lam: float) -> DualityGap:
 def debias(stats: LassoStats, V: Tensor, rcond: float = 1e-10) -> Tensor:
     """Refit the nonzero columns S of V by least squares without penalty: V_S G_SS = C_S
     (minimum-norm solution where G_SS is singular); the zero columns stay zero."""
-    keep = torch.nonzero(group_norms(V) > 0).flatten().to(stats.G.device)
+    keep = active_columns(V).to(stats.G.device)
     out = torch.zeros_like(V, dtype=stats.G.dtype, device=stats.G.device)
     if len(keep):
         sub = stats.restrict(keep)

@@ -13,6 +13,11 @@ def group_norms(V: Tensor) -> Tensor:
     return V.square().sum(dim=0).sqrt()
 
 
+def active_columns(V: Tensor) -> Tensor:
+    """Indices (ascending) of the nonzero columns of ``V`` (D, K): the neurons a solution keeps."""
+    return torch.nonzero(group_norms(V) > 0).flatten()
+
+
 def group_soft_threshold(W: Tensor, threshold: float | Tensor) -> Tensor:
     """Group soft-threshold of the columns of ``W`` (D, K), returns a new (D, K) tensor.
 

@@ -19,24 +19,21 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from grouplasso.problem import DualityGap, duality_gap, gradient, group_norm, lipschitz, mse
-from grouplasso.prox import group_norms, group_soft_threshold
+from grouplasso.problem import DualityGap, check_lambda, duality_gap, gradient, group_norm, lipschitz, mse
+from grouplasso.prox import active_columns, group_soft_threshold
 from grouplasso.stats import LassoStats
 
 
 class Solver(ABC):
     """Base class: holds the problem (``stats``, ``lam``) and the iterate ``V``."""
 
-    name = "solver"
     #: steps between duality-gap certificates worth their cost (one costs about a step of FISTA)
     certify_every = 10
 
     def __init__(self, stats: LassoStats, lam: float, V0: Tensor) -> None:
-        if not lam > 0:
-            raise ValueError(f"lambda must be positive (got {lam}); larger lambda removes more neurons")
         if tuple(V0.shape) != (stats.D, stats.K):
             raise ValueError(f"V0 has shape {tuple(V0.shape)}, expected (D, K) = ({stats.D}, {stats.K})")
-        self.stats, self.lam = stats, float(lam)
+        self.stats, self.lam = stats, check_lambda(lam)
         self.V = V0.detach().to(stats.G).clone()
         self.iterations = 0
         self._certificate: tuple[int, DualityGap] | None = None
@@ -59,7 +56,7 @@ class Solver(ABC):
         """Objective, MSE, penalty sum_k ||v_k|| (without lam), active columns and step size of ``V``."""
         m, g = mse(self.stats, self.V), group_norm(self.V)
         return {"objective": m + self.lam * g, "mse": m, "group_norm": g,
-                "active": float(int((group_norms(self.V) > 0).sum())), "step_size": self.step_size}
+                "active": float(len(active_columns(self.V))), "step_size": self.step_size}
 
     # Checkpointing: tensors and numbers, nothing else (torch.load(weights_only=True) reads it).
     def state_dict(self) -> dict[str, Any]:
@@ -79,7 +76,6 @@ class FISTA(Solver):
     One ``step`` is one gradient evaluation, D K^2 multiply-adds.
     """
 
-    name = "fista"
 
     def __init__(self, stats: LassoStats, lam: float, V0: Tensor) -> None:
         super().__init__(stats, lam, V0)
@@ -118,7 +114,6 @@ class PaperAdam(Solver):
     """The paper's procedure: one Adam step (lr = ``lr``, i.e. mu) on the full-batch MSE
     gradient, then V <- group_soft_threshold(V, lr * lam)."""
 
-    name = "paper_adam"
 
     def __init__(self, stats: LassoStats, lam: float, V0: Tensor, lr: float = 0.07) -> None:
         super().__init__(stats, lam, V0)

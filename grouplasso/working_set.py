@@ -43,7 +43,6 @@ class WorkingSet(Solver):
         max_inner: inner iterations per step at most (a step always returns in bounded time).
     """
 
-    name = "working_set"
     certify_every = 1  # every step ends with a certificate anyway
 
     def __init__(self, stats: LassoStats, lam: float, V0: Tensor, min_size: int = 100, grow: float = 2.0,

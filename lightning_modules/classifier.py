@@ -11,7 +11,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from models import build_model
-from models.checkpoints import load_state_dict_strict, read_checkpoint
+from models.checkpoints import CheckpointMismatchError, network_from_state, read_checkpoint
 
 
 class Classifier(pl.LightningModule):
@@ -25,7 +25,9 @@ class Classifier(pl.LightningModule):
             weight decay whose effect on width the project studies).
         schedule: ``constant``, ``cosine`` (to 0 over ``max_epochs``) or ``step``
             (x ``gamma`` every ``step_size`` epochs).
-        init_checkpoint: start from these weights (any format ``models.checkpoints`` reads).
+        init_checkpoint: start from these weights (any format ``models.checkpoints`` reads),
+            also a compressed network (``save_network``): the layers are resized to the file's
+            (smaller) shapes, so fine-tuning keeps the network compressed.
     Logged: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
     The best (``val/acc``) and last checkpoints are kept.
     """
@@ -47,14 +49,16 @@ class Classifier(pl.LightningModule):
         if lr <= 0 or weight_decay < 0:
             raise ValueError(f"lr must be > 0 and weight_decay >= 0 (got lr={lr}, weight_decay={weight_decay})")
         self.save_hyperparameters()
-        self.model = build_model(arch, num_classes)
         if init_checkpoint:
-            load_state_dict_strict(self.model, read_checkpoint(init_checkpoint)[0], source=init_checkpoint)
+            self.model = model_from_checkpoint(init_checkpoint, arch, num_classes)
+        else:
+            self.model = build_model(arch, num_classes)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
+        """The network's logits."""
         return self.model(x)
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> Tensor:
@@ -68,15 +72,19 @@ class Classifier(pl.LightningModule):
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Cross-entropy of one training batch; logs ``train/loss`` (per step and epoch) and ``train/acc``."""
         return self._step(batch, "train", self.train_acc)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Loss and accuracy of one validation batch, logged per epoch as ``val/loss`` and ``val/acc``."""
         self._step(batch, "val", self.val_acc)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Loss and accuracy of one test batch, logged per epoch as ``test/loss`` and ``test/acc``."""
         self._step(batch, "test", self.test_acc)
 
     def configure_optimizers(self) -> Any:
+        """Adam or SGD with ``weight_decay``, plus the epoch-wise ``schedule`` (none when constant)."""
         hp = self.hparams
         if hp.optimizer == "adam":
             opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
@@ -91,14 +99,46 @@ class Classifier(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     def configure_callbacks(self) -> list[Callback]:
+        """Best (``val/acc``) and last checkpoints, in a trainer-given ModelCheckpoint's ``dirpath``; lr logging."""
         callbacks: list[Callback] = []
-        if self.trainer.checkpoint_callback is not None:  # unless enable_checkpointing: false
+        given = self.trainer.checkpoint_callback
+        if given is not None:  # unless enable_checkpointing: false
+            # This one replaces the trainer's ModelCheckpoint; keep the folder it was given (None: the log dir).
+            dirpath = given.dirpath if isinstance(given, ModelCheckpoint) else None
             callbacks.append(
                 ModelCheckpoint(
-                    monitor="val/acc", mode="max", save_last=True, filename="best",
+                    dirpath=dirpath, monitor="val/acc", mode="max", save_last=True, filename="best",
                     auto_insert_metric_name=False,
                 )
             )
         if self.trainer.logger is not None:
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
         return callbacks
+
+
+def model_from_checkpoint(path: str, arch: str, num_classes: int) -> torch.nn.Module:
+    """``build_model(arch, num_classes)`` with the weights of ``path``, resized to its layer shapes
+    when they are smaller (a compressed network), in train mode.
+
+    Raises ``CheckpointMismatchError`` naming the keys when the file does not fit: missing or
+    unexpected keys, or a layer larger than the architecture's (or another number of classes).
+    """
+    state, _ = read_checkpoint(path)
+    with torch.device("meta"):  # shapes only, no memory
+        full = build_model(arch, num_classes).state_dict()
+    grown = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(full[k].shape)}"
+        for k in set(full) & set(state)
+        if state[k].ndim != full[k].ndim or any(a > b for a, b in zip(state[k].shape, full[k].shape))
+    )
+    last = [k for k, v in full.items() if k.endswith(".weight") and v.ndim == 2][-1]
+    if last in state and state[last].shape[0] != num_classes:
+        grown.append(f"{last}: {state[last].shape[0]} outputs vs num_classes {num_classes}")
+    if grown:
+        shown = ", ".join(grown[:12]) + (f", ... ({len(grown) - 12} more)" if len(grown) > 12 else "")
+        raise CheckpointMismatchError(
+            f"{path} does not fit the {arch} network with {num_classes} classes:\n"
+            f"  shape mismatches ({len(grown)}): {shown}\n"
+            "  a compressed network's layers can only be smaller; check arch, num_classes or the file itself"
+        )
+    return network_from_state(state, arch, num_classes, source=str(path)).train()

@@ -1,10 +1,13 @@
-"""One pass of a frozen network over a data set: evaluation sums and a layer's statistics.
+"""Passes of a frozen network over a data set, run with ``Trainer.predict``.
 
-Run with ``Trainer.predict`` so that under DDP every rank reads its own shard of the data
-(Lightning's unrepeated distributed sampler: no sample is counted twice) and the sums are
-all-reduced at the end. The same pass gives the loss and accuracy of the network and, when
-a layer is named, the sufficient statistics of that layer's compression problem, captured
-with a forward hook.
+- ``NetworkPass``: the loss and accuracy of a network and, when a layer is named, the
+  sufficient statistics of that layer's compression problem, captured with a forward hook.
+- ``BlockInputPass``: the inputs of one submodule (the *head* that holds the layers being
+  compressed, such as AlexNet's ``classifier``), written to a ``FeatureWriter``; the head
+  itself never runs, so the pass costs the network before it (the convolutions).
+
+Under DDP every rank reads its own shard of the data (Lightning's unrepeated distributed
+sampler: no sample is counted twice) and sums are all-reduced at the end.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ class NetworkPass(pl.LightningModule):
         self.result: Optional[PassResult] = None
 
     def on_predict_start(self) -> None:
+        """Eval mode, zeroed sums, and the statistics hook on ``layer`` when one is named."""
         self.network.eval()
         dev = self.device
         self._sums = {"loss": torch.zeros((), dtype=torch.float64, device=dev),
@@ -65,6 +69,7 @@ class NetworkPass(pl.LightningModule):
         self._accumulator.update(x.detach(), output.detach())
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Forward one batch (the hook accumulates the statistics) and add to the sums."""
         images, labels = batch
         logits = self.network(images)
         self._sums["loss"] += F.cross_entropy(logits.double(), labels, reduction="sum")
@@ -72,11 +77,10 @@ class NetworkPass(pl.LightningModule):
         self._sums["n"] += len(labels)
 
     def on_predict_epoch_end(self) -> None:
+        """All-reduce the sums over the processes and finish the result."""
         reduce = self._reduce_sum
         sums = {k: reduce(v) for k, v in self._sums.items()}
-        n = int(sums["n"].item())
-        if n == 0:
-            raise ValueError("the data set is empty: nothing to evaluate or to compress (check the data config)")
+        n = require_samples(int(sums["n"].item()))
         stats = None
         if self._accumulator is not None:
             self._hook.remove()
@@ -99,5 +103,58 @@ def run_pass(trainer: pl.Trainer, network: nn.Module, loader: Any, layer: Option
     module = NetworkPass(network, layer)
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     if module.result is None:  # Lightning skips the epoch hooks when there are no batches
-        raise ValueError("the data set is empty: nothing to evaluate or to compress (check the data config)")
+        require_samples(0)
     return module.result
+
+
+def require_samples(n: int) -> int:
+    """``n`` if positive; otherwise the one error for an empty data set."""
+    if n <= 0:
+        raise ValueError("the data set is empty: nothing to evaluate or to compress (check the data config)")
+    return n
+
+
+class _HeadReached(Exception):
+    """Raised by the pre-hook on the head: the batch's head inputs are recorded, stop there."""
+
+
+class BlockInputPass(pl.LightningModule):
+    """Record the inputs of ``network``'s submodule ``head`` (``""``: the network's own input)
+    and the labels into ``writer`` (``compression.features.FeatureWriter``), without running
+    the head. The first batch also checks that the network's output is the head's output
+    (otherwise the recorded inputs could not stand for the network)."""
+
+    def __init__(self, network: nn.Module, head: str, writer: Any) -> None:
+        super().__init__()
+        self.network, self.head, self.writer = network, head, writer
+        self._checked = False
+
+    def on_predict_start(self) -> None:
+        """Eval mode and the pre-hook that records the head's inputs."""
+        self.network.eval()
+        self._hook = self.network.get_submodule(self.head).register_forward_pre_hook(self._record)
+
+    def _record(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        self._inputs = inputs[0].detach()
+        if self._checked:
+            raise _HeadReached
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Run the network up to the head and write the head's inputs with the labels."""
+        images, labels = batch
+        if not self._checked:  # one full forward: is the head's output the network's output?
+            logits = self.network(images)
+            if not torch.allclose(self.network.get_submodule(self.head)(self._inputs), logits, rtol=1e-4, atol=1e-5):
+                raise ValueError(f"the network's output is not the output of {self.head!r}: its layers cannot be "
+                                 "evaluated from its inputs alone")
+            self._checked = True
+        else:
+            try:
+                self.network(images)
+            except _HeadReached:
+                pass
+        self.writer.write(self._inputs, labels)
+
+    def on_predict_epoch_end(self) -> None:
+        """Remove the hook."""
+        self._hook.remove()

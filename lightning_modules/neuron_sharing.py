@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from experiments.shallow_relu import (
+from models.shallow_relu import (
     ShallowReLU, mse_gradients_, neuron_report, normalise_inputs_keeping_function_, path_penalty, proximal_map_,
 )
 
@@ -24,11 +24,11 @@ class NeuronSharing(pl.LightningModule):
     Lightning training step (so 1e6 iterations are 100 epochs of 10,000, not 1e6 Lightning
     steps, whose per-step overhead would dominate the run).
 
-    Each iteration: the gradient in closed form (``experiments.shallow_relu.mse_gradients_``,
+    Each iteration: the gradient in closed form (``models.shallow_relu.mse_gradients_``,
     checked against autograd by the tests), then ``torch.optim.SGD.step``, then by mode:
       * ``prox``: the proximal weight-decay step (group soft-threshold of the output columns
         by lr * reg, input vectors projected onto the unit sphere; see
-        ``experiments.shallow_relu`` for why this is the exact proximal-gradient step);
+        ``models.shallow_relu`` for why this is the exact proximal-gradient step);
       * ``weight_decay``: nothing more; the optimizer's ``weight_decay = reg`` adds reg * theta
         to every gradient (hidden weight and bias, output weight), i.e. (reg / 2) ||theta||^2;
       * ``none``: nothing more.
@@ -65,14 +65,17 @@ class NeuronSharing(pl.LightningModule):
         self.register_buffer("iterations", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: Tensor) -> Tensor:
+        """The student's outputs."""
         return self.net(x)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Plain SGD on the student, with ``weight_decay = reg`` only in ``weight_decay`` mode."""
         hp = self.hparams
         weight_decay = hp.reg if hp.regularization == "weight_decay" else 0.0
         return torch.optim.SGD(self.net.parameters(), lr=hp.lr, weight_decay=weight_decay)
 
     def on_fit_start(self) -> None:
+        """In ``prox`` mode, before the first iteration: unit-norm input vectors, same function."""
         # Put the input vectors on the sphere before the first step (the same function):
         # the constraint of the proximal formulation then holds from the start.
         if self.hparams.regularization == "prox" and int(self.iterations) == 0:
@@ -87,6 +90,7 @@ class NeuronSharing(pl.LightningModule):
             proximal_map_(self.net, self.hparams.lr * self.hparams.reg)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """``steps_per_batch`` full-batch iterations (manual optimization), then logs loss, penalty and neurons."""
         X, Y = batch
         lightning_optimizer = self.optimizers()
         with torch.no_grad():

@@ -30,7 +30,9 @@ class CheckpointMismatchError(ValueError):
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Return ``(state_dict, info)``; ``info`` holds ``arch``/``num_classes`` when the file says."""
+    """Return ``(state_dict, info)``; ``info`` holds ``arch``/``num_classes`` (from the file, else
+    inferred from the keys) and, for a Lightning checkpoint, the module's hyper-parameters as
+    ``info["hparams"]`` (optimizer, lr, weight_decay, ... of the training run)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
@@ -47,6 +49,8 @@ def unpack_checkpoint(obj: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
     elif isinstance(obj, dict) and "state_dict" in obj and "pytorch-lightning_version" in obj:
         hparams = obj.get("hyper_parameters", {})
         info = {k: hparams[k] for k in ("arch", "num_classes") if k in hparams}
+        if hparams:  # LightningCLI's private entries (``_instantiator``, ...) are left out
+            info["hparams"] = {k: v for k, v in dict(hparams).items() if not str(k).startswith("_")}
         state = {k[len("model."):]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
         if not state:
             raise CheckpointMismatchError(

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -19,28 +20,17 @@ def linear_widths(model: nn.Module) -> dict[str, int]:
 
 @torch.no_grad()
 def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Multiply-adds of one forward pass of one sample of shape ``input_shape`` (C, H, W),
-    counted over Conv2d and Linear layers (the rest is negligible)."""
-    total = 0
-
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-            total += output[0].numel() * per_output
-        else:
-            total += module.in_features * module.out_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    """Multiply-adds of one forward pass of one sample of shape ``input_shape`` (C, H, W):
+    PyTorch's ``FlopCounterMode`` (convolutions and matrix products; the rest is negligible)
+    counts 2 FLOPs per multiply-add."""
     device = next(model.parameters()).device
     was_training = model.training
     try:
-        model.eval()(torch.zeros(1, *input_shape, device=device))
+        with FlopCounterMode(display=False) as counter:
+            model.eval()(torch.zeros(1, *input_shape, device=device))
     finally:
         model.train(was_training)
-        for h in handles:
-            h.remove()
-    return int(total)
+    return counter.get_total_flops() // 2
 
 
 @torch.no_grad()

@@ -1,14 +1,12 @@
 """The networks the project trains and compresses, by name."""
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable
 
 import torchvision
 from torch import nn
 
 from models.vgg import VGG19
-
-Arch = Literal["alexnet", "vgg19"]
 
 # AlexNet is torchvision's own, so that torchvision state dicts (and the paper
 # authors' AlexNet checkpoint, saved from it) load unchanged.

@@ -17,6 +17,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from grouplasso import active_columns
 from models.layers import LayerInfo
 from models.pruned import IndexedLinear, resized_conv
 
@@ -30,18 +31,13 @@ def with_weight(model: nn.Module, layer: str, V: Tensor) -> nn.Module:
     return out
 
 
-def kept_columns(V: Tensor) -> Tensor:
-    """Indices (ascending) of the nonzero columns of ``V`` (D, K)."""
-    return torch.nonzero(torch.linalg.vector_norm(V, dim=0) > 0).flatten()
-
-
 def remove_neurons(model: nn.Module, info: LayerInfo, V: Tensor) -> nn.Module:
     """A smaller copy of ``model`` with the neurons feeding the zero columns of ``V`` removed."""
     out = copy.deepcopy(model)
     layer = out.get_submodule(info.name)
     if V.shape != layer.weight.shape:
         raise ValueError(f"V has shape {tuple(V.shape)} but {info.name!r} has weight {tuple(layer.weight.shape)}")
-    keep = kept_columns(V).to(layer.weight.device)
+    keep = active_columns(V).to(layer.weight.device)
     V = V.to(layer.weight)
     if info.producer_kind == "linear":
         _keep_outputs(out, info.producer, keep)

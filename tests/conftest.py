@@ -10,8 +10,11 @@ import pytest
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
+from cli.setup import configure_process
 from datamodules.fashion_mnist import prepare_fashion_mnist
 from tests.helpers import small_train_args
+
+configure_process()  # the test process gets the settings train.py and compress.py make at start
 
 REPO = Path(__file__).resolve().parent.parent
 

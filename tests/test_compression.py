@@ -17,7 +17,7 @@ from compress import main as compress
 from compression import cache
 from datamodules.fashion_mnist import FashionMNISTDataModule
 from grouplasso import LassoStats, objective
-from lightning_modules.compression import LassoCompression
+from lightning_modules.lasso import LassoCompression
 from lightning_modules.network_pass import run_pass
 from models.checkpoints import load_network
 from models.layers import LayerError
@@ -103,7 +103,7 @@ def test_second_run_with_another_lambda_reuses_the_statistics(demo_run, fashion_
     saved = torch.load(cached[0], weights_only=True)
     saved["description"]["samples"] += 1
     torch.save(saved, cached[0])
-    assert cache.load_pass(folder / "cache", {**saved["description"], "samples": saved["description"]["samples"] - 1}) is None
+    assert cache.load_entry(folder / "cache", {**saved["description"], "samples": saved["description"]["samples"] - 1}) is None
 
 
 def _stats(seed: int = 0, n: int = 400, K: int = 60, D: int = 4) -> LassoStats:
@@ -191,7 +191,7 @@ def test_two_process_ddp_statistics_equal_one_process(tmp_path, fashion_root, ch
     single = compress(args + ["--cache_dir", str(tmp_path / "single_cache")])
     (ddp_file,) = (tmp_path / "ddp_cache").glob("train-classifier.6-*.pt")
     (single_file,) = (tmp_path / "single_cache").glob("train-classifier.6-*.pt")
-    a, b = (torch.load(f, weights_only=True) for f in (ddp_file, single_file))
+    a, b = (torch.load(f, weights_only=True)["entry"] for f in (ddp_file, single_file))
     assert a["n"] == b["n"] == 600
     torch.testing.assert_close(a["stats"]["G"], b["stats"]["G"], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(a["stats"]["C"], b["stats"]["C"], rtol=1e-9, atol=1e-9)

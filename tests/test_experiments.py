@@ -16,7 +16,7 @@ from datamodules.teacher import TeacherDataModule
 from experiments import sparsity
 from experiments.min_norm import dual_correlations, solve_min_norm, width_bounds
 from experiments.random_problems import gaussian_problem, low_rank_problem, trial_rng
-from experiments.shallow_relu import mse_gradients_
+from models.shallow_relu import mse_gradients_
 from experiments.sparsest import sparsest_exhaustive, sparsest_fast
 from lightning_modules.neuron_sharing import NeuronSharing
 from train import main as train_main
@@ -108,8 +108,9 @@ def test_teacher_data_is_seeded_and_labelled_by_the_teacher():
 
 # ---------------------------------------------------------------- neuron sharing: short runs
 def _train(tmp_path: Path, mode: str, *extra: str):
+    override = [] if mode == "prox" else ["--config", f"neuron_sharing_{mode}"]  # on top of the base (prox)
     return train_main([
-        "--config", f"neuron_sharing_{mode}",
+        "--config", "neuron_sharing", *override,
         "--model.init_args.steps_per_batch", "1000",
         "--model.init_args.reg", "1e-3",
         "--trainer.max_epochs", "10",
@@ -181,7 +182,7 @@ def test_same_seed_same_network(tmp_path):
 
 def test_neuron_sharing_config_prints(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train_main(["--config", "neuron_sharing_prox.yaml", "--print_config"])
+        train_main(["--config", "neuron_sharing.yaml", "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "lightning_modules.neuron_sharing.NeuronSharing" in printed and "regularization: prox" in printed

@@ -175,5 +175,5 @@ def test_paper_adam_step_is_adam_then_threshold():
 
 def test_bad_lambda_is_refused():
     X, Y, b = make_problem(8)
-    with pytest.raises(ValueError, match="lambda must be positive"):
+    with pytest.raises(ValueError, match="lambda must be a positive number"):
         SOLVERS["auto"](stats_of(X, Y, b), 0.0, torch.zeros(3, 15, dtype=torch.float64))

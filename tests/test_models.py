@@ -10,7 +10,8 @@ from models import build_model
 from models.checkpoints import CheckpointMismatchError, load_network, save_network
 from models.layers import LayerError, analyse_layer, resolve_layer_name
 
-# The authors' VGG-19 checkpoint format, written out from SEED.md rather than from our model.
+# The VGG-19 checkpoint format of the authors' published training scripts (Shenouda, Parhi, Lee,
+# Nowak, JMLR 25(231), 2024; arXiv 2305.16534), written out by hand rather than from our model.
 VGG_CHANNELS = [64, 64, 128, 128, 256, 256, 256, 256, 512, 512, 512, 512, 512, 512, 512, 512]
 
 

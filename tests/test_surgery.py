@@ -8,7 +8,8 @@ from models import build_model
 from models.checkpoints import load_network, save_network
 from models.layers import analyse_layer, resolve_layer_name
 from models.profile import count_macs, count_parameters, linear_widths
-from models.surgery import kept_columns, remove_neurons, with_weight
+from grouplasso import active_columns
+from models.surgery import remove_neurons, with_weight
 
 
 def _zero_columns(W: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -30,7 +31,7 @@ def test_pruned_network_equals_zeroed_original_layer_by_layer(arch, size):
         reference = with_weight(network, path, V)
         smaller = remove_neurons(network, info, V).eval()
         torch.testing.assert_close(smaller(x), reference(x), rtol=1e-5, atol=1e-5)
-        assert linear_widths(smaller)[path] == len(kept_columns(V)) < V.shape[1]
+        assert linear_widths(smaller)[path] == len(active_columns(V)) < V.shape[1]
         network = smaller
 
 
@@ -40,13 +41,13 @@ def test_alexnet_parameter_counts_drop_by_the_expected_amounts():
     # last: rows of classifier.4 (4096 inputs + bias) and columns of classifier.6 (10 outputs) go
     info = analyse_layer(network, "classifier.6")
     V = _zero_columns(network.classifier[6].weight, 0.8, seed=1)
-    m = len(kept_columns(V))
+    m = len(active_columns(V))
     last = remove_neurons(network, info, V)
     assert count_parameters(last) == n0 - (4096 - m) * (4096 + 1 + 10)
     assert linear_widths(last) == {"classifier.1": 9216, "classifier.4": 4096, "classifier.6": m}
     # pen: rows of classifier.1 (9216 inputs + bias) and columns of classifier.4 (4096 outputs) go
     V = _zero_columns(network.classifier[4].weight, 0.8, seed=2)
-    p = len(kept_columns(V))
+    p = len(active_columns(V))
     pen = remove_neurons(network, analyse_layer(network, "classifier.4"), V)
     assert count_parameters(pen) == n0 - (4096 - p) * (9216 + 1 + 4096)
     # first: whole conv channels (all 36 positions unused) go from features.10, their columns from classifier.1

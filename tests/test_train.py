@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_modules.cli import CONFIG_DIR, resolve_config_args
+from cli.base import CONFIG_DIR, resolve_config_args
 from tests.helpers import REPO, small_train_args
 from compress import main as compress_main
 from train import main
@@ -22,24 +23,45 @@ def _scalars(log_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-@pytest.mark.parametrize("config", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-def test_every_shipped_config_parses(config, capsys):
-    """Each config resolves by bare name and yields a complete config (nothing can rot)."""
-    entry = compress_main if "\ncheckpoint:" in (CONFIG_DIR / f"{config}.yaml").read_text() else main
+ENTRY_POINTS = {"train": main, "compress": compress_main}  # config folder -> the entry point that reads it
+OVERRIDES = {"neuron_sharing_none.yaml": "neuron_sharing.yaml", "neuron_sharing_wd.yaml": "neuron_sharing.yaml"}
+
+
+def _print_config(entry, *args: str, capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        entry(["--config", config, "--print_config"])
+        entry([*args, "--print_config"])
     assert exit_info.value.code in (0, None)
-    printed = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("folder, config", [(folder, p.name) for folder in ENTRY_POINTS
+                                            for p in sorted((CONFIG_DIR / folder).glob("*.yaml"))])
+def test_every_shipped_config_parses(folder, config, capsys):
+    """Each config resolves by bare name with its folder's entry point and yields a complete
+    config (nothing can rot); an override file is parsed on top of its base."""
+    base = ["--config", OVERRIDES[config]] if config in OVERRIDES else []
+    printed = _print_config(ENTRY_POINTS[folder], *base, "--config", Path(config).stem, capsys=capsys)
     assert "class_path" in printed and "trainer:" in printed
+    if config in OVERRIDES:
+        assert f"name: {Path(config).stem}" in printed  # the override's values win
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONFIG_DIR / "trainer").glob("*.yaml")))
+def test_every_trainer_preset_reaches_the_trainer_config(preset, capsys):
+    printed = yaml.safe_load(_print_config(main, "--config", "alexnet_fashion", "--trainer", preset, capsys=capsys))
+    values = yaml.safe_load((CONFIG_DIR / "trainer" / f"{preset}.yaml").read_text())
+    assert values and {k: printed["trainer"][k] for k in values} == values
 
 
 def test_bare_config_names_and_group_files_resolve():
-    args = resolve_config_args(["--config", "alexnet_fashion", "--trainer", "ddp", "--trainer.max_epochs", "1"])
-    assert args[1] == str(CONFIG_DIR / "alexnet_fashion.yaml")
+    args = resolve_config_args(["--config", "alexnet_fashion", "--trainer", "ddp", "--trainer.max_epochs", "1"], "train")
+    assert args[1] == str(CONFIG_DIR / "train" / "alexnet_fashion.yaml")
     assert args[3] == str(CONFIG_DIR / "trainer" / "ddp.yaml")
     assert args[4:] == ["--trainer.max_epochs", "1"]
-    with pytest.raises(FileNotFoundError, match="Shipped configs: .*alexnet_cifar10.yaml"):
-        resolve_config_args(["--config", "no_such_config"])
+    assert resolve_config_args(["--config=alexnet_pen"], "compress") == [f"--config={CONFIG_DIR / 'compress' / 'alexnet_pen.yaml'}"]
+    with pytest.raises(FileNotFoundError, match="Shipped configs: .*alexnet_cifar10.yaml") as error:
+        resolve_config_args(["--config", "alexnet_pen"], "train")  # each entry point looks in its own folder
+    assert "alexnet_pen" not in str(error.value).split("Shipped configs:")[1]
 
 
 @pytest.mark.parametrize(

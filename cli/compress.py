@@ -1,13 +1,21 @@
 """``python compress.py --config alexnet_pen.yaml``: LightningCLI for the compression pipeline.
 
 The config's ``model`` is the ``LassoCompression`` solver settings, ``data`` the image
-DataModule whose training split supplies the layer's inputs, ``convergence`` the stopping
-rule and ``trainer`` the devices/strategy (DDP shards the statistics pass) and ``max_steps``
-budget. Top-level fields: ``checkpoint``, ``layers``, ``lambdas``, ``path``, ``debias``,
+DataModule whose training split supplies the layer's inputs (and whose validation split
+judges accuracy targets), ``convergence`` the stopping rule, ``trainer`` the
+devices/strategy (DDP shards the passes over the data) and the ``max_steps`` budget of a
+solve, ``target`` and ``finetune`` what the user wants. Top-level fields: ``checkpoint``,
+``layers``, ``lambdas`` / ``lambda_ratios``, ``path`` / ``path_ratios``, ``debias``,
 ``cache_dir``, ``report``, ``resume``.
+
+How much to compress is said in exactly one way: ``--target.max_accuracy_drop``,
+``--target.width``, ``--lambda_ratios`` or ``--lambdas``. One given on the command line
+replaces the one the config chose.
 """
 from __future__ import annotations
 
+import sys
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -15,18 +23,29 @@ from pytorch_lightning.cli import LightningArgumentParser
 from pytorch_lightning.utilities import rank_zero_info
 
 from callbacks.convergence import Convergence
+from compression.finetune import FinetuneSettings
 from compression.pipeline import CompressionPipeline
 from compression.report import format_report, write_report
-from lightning_modules.cli import ProjectCLI
-from lightning_modules.compression import LassoCompression
+from compression.settings import Target, TrainerSettings
+from cli.base import ProjectCLI
+from lightning_modules.lasso import LassoCompression
 from models.checkpoints import network_from_state, read_checkpoint
+
+
+# The ways to say how much to compress; the command line's choice replaces the config's.
+AMOUNT_KEYS = ("lambdas", "lambda_ratios", "target")
 
 
 class CompressCLI(ProjectCLI):
     """Parses the compression config; ``compress()`` runs the pipeline and writes the report."""
 
+    config_folder = "compress"
+
     def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_defaults", {"default_root_dir": "runs", "max_steps": 10_000})
+        given = list(sys.argv[1:] if args is None else args)
+        self.amount_on_command_line = {key for key in AMOUNT_KEYS for arg in given
+                                       if arg == f"--{key}" or arg.startswith((f"--{key}=", f"--{key}."))}
         super().__init__(LassoCompression, args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -37,19 +56,36 @@ class CompressCLI(ProjectCLI):
                             help="alexnet or vgg19; read from the checkpoint when not given.")
         parser.add_argument("--layers", type=list[str], default=["last"],
                             help="Layers to compress in this order: short names (first, pen, last) or module paths.")
-        parser.add_argument("--lambdas", type=list[float], default=[0.01],
-                            help="Penalty per layer (one value for all layers, or one per layer).")
+        parser.add_argument("--lambdas", type=Optional[list[float]], default=None,
+                            help="Absolute penalty per layer (one value for all layers, or one per layer).")
+        parser.add_argument("--lambda_ratios", type=Optional[list[float]], default=None,
+                            help="Penalty per layer as a fraction in (0, 1) of that layer's own lambda_max.")
+        parser.add_class_arguments(Target, "target")
         parser.add_argument("--path", type=Optional[list[float]], default=None,
                             help="Also solve a regularisation path over these lambdas (table and plot per layer).")
+        parser.add_argument("--path_ratios", type=Optional[list[float]], default=None,
+                            help="The same, as fractions of each layer's lambda_max.")
         parser.add_argument("--debias", type=bool, default=False,
                             help="Refit the surviving columns by least squares (no penalty) before surgery.")
+        parser.add_class_arguments(FinetuneSettings, "finetune")
         parser.add_argument("--cache_dir", type=Optional[str], default=".cache/passes",
-                            help="Where layer statistics and evaluations are cached (null: no cache).")
+                            help="Where head inputs, layer statistics and evaluations are cached (null: no cache).")
         parser.add_argument("--checkpoint_every", type=int, default=200, help="Solver checkpoint interval (steps).")
         parser.add_argument("--report", type=Optional[str], default=None, help="Also write the report JSON here.")
         parser.add_argument("--resume", type=Optional[str], default=None,
                             help="Log directory of an interrupted run to continue (runs/<name>/version_<n>).")
         parser.add_class_arguments(Convergence, "convergence")
+
+    def amount(self) -> dict[str, Any]:
+        """``lambdas``, ``lambda_ratios`` and ``target`` as the run uses them: when the command
+        line names one of them, the others the config may have set are dropped."""
+        config = self.config
+        chosen = {"lambdas": config.lambdas, "lambda_ratios": config.lambda_ratios,
+                  "target": Target(**dict(config.target))}
+        if self.amount_on_command_line:
+            chosen = {k: (v if k in self.amount_on_command_line else (Target() if k == "target" else None))
+                      for k, v in chosen.items()}
+        return chosen
 
     def compress(self) -> dict[str, Any]:
         config = self.config
@@ -58,15 +94,16 @@ class CompressCLI(ProjectCLI):
         network = network_from_state(state, arch, info["num_classes"], source=config.checkpoint)
         logger = self.trainer.logger
         run_dir = Path(config.resume) if config.resume else Path(logger.log_dir if logger else "runs/compress")
-        trainer_settings = {k: config.trainer[k] for k in ("accelerator", "devices", "strategy", "num_nodes",
-                                                             "enable_progress_bar", "max_steps")}
         pipeline = CompressionPipeline(
-            network=network, arch=arch, num_classes=info["num_classes"],
-            datamodule=self.datamodule, run_dir=run_dir, module=dict(config.model), convergence=dict(config.convergence),
-            trainer=trainer_settings, cache_dir=Path(config.cache_dir) if config.cache_dir else None,
-            checkpoint_every=config.checkpoint_every, debias=config.debias, logger=logger,
+            network=network, arch=arch, num_classes=info["num_classes"], datamodule=self.datamodule, run_dir=run_dir,
+            make_module=partial(LassoCompression, **dict(config.model)),
+            make_convergence=partial(Convergence, **dict(config.convergence)),
+            trainer=TrainerSettings.from_config(config.trainer),
+            cache_dir=Path(config.cache_dir) if config.cache_dir else None, checkpoint_every=config.checkpoint_every,
+            debias=config.debias, logger=logger, finetune=FinetuneSettings(**dict(config.finetune)),
+            train_hparams=info.get("hparams") or {},
         )
-        report = pipeline.run(list(config.layers), list(config.lambdas), list(config.path) if config.path else None)
+        report = pipeline.run(list(config.layers), **self.amount(), path=config.path, path_ratios=config.path_ratios)
         report["checkpoint"] = str(config.checkpoint)
         if pipeline.is_global_zero:
             written = write_report(report, run_dir, config.report, logger)

@@ -8,10 +8,12 @@ paper did), and solves
 on the layer's sufficient statistics (``grouplasso.LassoStats``), so every step costs
 the same whatever the number of samples. The solver (``grouplasso.solvers``) is exposed
 to Lightning as the module's optimizer: each ``training_step`` calls ``optimizer.step()``,
-which takes one proximal-gradient step (a gradient step on the MSE, then the
-vectorised group soft-threshold), Lightning counts it as a training step, and its
-state (momentum, step size, working set) travels in Lightning's checkpoints, so an
-interrupted solve resumes exactly. Convergence is judged by
+which takes one step of that solver (for ``fista`` and ``paper_adam`` one proximal-gradient
+step: a gradient step on the MSE, then the vectorised group soft-threshold; for the
+working-set solver one outer iteration: certify, choose the working set, solve it by
+many inner proximal-gradient steps). Lightning counts it as a training step, and the
+solver's state (momentum, step size, working set) travels in Lightning's checkpoints, so
+an interrupted solve resumes exactly. Convergence is judged by
 ``callbacks.convergence.Convergence`` on the relative duality gap.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from grouplasso import SOLVERS, DualityGap, LassoStats, Solver
 
-SolverName = Literal["auto", "working_set", "fista", "paper_adam"]
+SolverName = Literal[tuple(SOLVERS)]  # type: ignore[valid-type]  # the names configs may give
 
 
 class SolverOptimizer(torch.optim.Optimizer):
@@ -91,11 +93,10 @@ class LassoCompression(pl.LightningModule):
 
     def attach(self, stats: LassoStats, lam: float, W: Tensor, layer: str = "layer",
                start: Optional[Tensor] = None) -> "LassoCompression":
-        """Set the problem: statistics of the layer, the penalty ``lam`` > 0, the trained
-        weight ``W`` (D, K) (the starting point when ``init='trained'``) and a name for logs.
-        ``start`` (D, K), a warm start such as the previous solution along a path, overrides ``init``."""
-        if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
-            raise ValueError(f"lambda must be a positive number (got {lam}); larger lambda removes more neurons")
+        """Set the problem: statistics of the layer, the penalty ``lam`` > 0 (checked by the
+        solver), the trained weight ``W`` (D, K) (the starting point when ``init='trained'``)
+        and a name for logs. ``start`` (D, K), a warm start such as the previous solution
+        along a path, overrides ``init``."""
         if tuple(W.shape) != (stats.D, stats.K):
             raise ValueError(f"W has shape {tuple(W.shape)} but the statistics are for D={stats.D}, K={stats.K}")
         self.stats, self.lam, self.layer = stats, float(lam), layer
@@ -117,10 +118,12 @@ class LassoCompression(pl.LightningModule):
 
     # --- Lightning hooks -------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        """Refuse to fit before ``attach`` has set the problem."""
         if self.stats is None:
             raise RuntimeError("call LassoCompression.attach(stats, lam, W) before fitting")
 
     def configure_optimizers(self) -> SolverOptimizer:
+        """The solver, on the module's device, wrapped as the optimizer Lightning steps and checkpoints."""
         self.stats = self.stats.to(self.device)
         options = {"lr": self.hparams.lr} if self.hparams.solver == "paper_adam" else {}
         solver = SOLVERS[self.hparams.solver](self.stats, self.lam, self.V.detach().clone(), **options)
@@ -129,7 +132,7 @@ class LassoCompression(pl.LightningModule):
         return SolverOptimizer(self.V, solver)
 
     def train_dataloader(self) -> DataLoader:
-        # The data are the statistics; batches only count steps.
+        """Step counters only: the data are the statistics."""
         return DataLoader(torch.arange(self.hparams.steps_per_epoch), batch_size=1)
 
     @property
@@ -137,6 +140,7 @@ class LassoCompression(pl.LightningModule):
         return self.hparams.log_every or self.solver.certify_every
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        """One solver step; every ``log_every`` steps, check for divergence and log the metrics."""
         self.optimizers().step()  # one solver step: gradient step on the MSE, group soft-threshold
         if self.global_step % self.log_every:
             return

@@ -1,0 +1,214 @@
+"""Recovery fine-tuning: a few epochs of ordinary training of the compressed network.
+
+Compression removes neurons and refits a layer; a few epochs of training at a small
+learning rate recover most of the accuracy lost. The network stays compressed: it is
+trained with the ``Classifier`` started from the compressed file, whose layers keep the
+file's (smaller) shapes, and the result is checked against the file's widths.
+
+Everything goes to ``<run_dir>/finetune``: TensorBoard logs, the checkpoints
+(``checkpoints/last.ckpt``, ``checkpoints/best.ckpt``) and, once finished,
+``finetuned.pt`` (the network and its summary, the marker of a finished run). A run
+interrupted mid-way continues from ``last.ckpt`` when called again with the same
+``run_dir`` and ends with the weights an uninterrupted run ends with (the random number
+generators are saved in the checkpoints and restored); a finished one is loaded, not redone.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import Logger, TensorBoardLogger
+from torch import nn
+
+from lightning_modules.classifier import Classifier
+from models.checkpoints import network_from_state, read_checkpoint, save_network
+from models.profile import linear_widths
+
+# Without the training run's hyper-parameters (a plain state dict, the authors' files).
+DEFAULT_HPARAMS: dict[str, Any] = {"optimizer": "adam", "lr": 1e-5, "momentum": 0.9, "weight_decay": 1e-4}
+DONE_FILE = "finetuned.pt"
+
+
+@dataclass
+class FinetuneSettings:
+    """How long and how fast to fine-tune after compression.
+
+    Args:
+        epochs: training epochs; 0 turns fine-tuning off.
+        lr_factor: the fine-tuning learning rate is the training run's times this.
+        lr: an absolute learning rate that overrides ``lr_factor`` (``None``: use the factor).
+    """
+
+    epochs: int = 0
+    lr_factor: float = 0.1
+    lr: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ValueError(f"finetune epochs must be an integer >= 0 (0: no fine-tuning), got {self.epochs!r}")
+        if not (isinstance(self.lr_factor, (int, float)) and self.lr_factor > 0):
+            raise ValueError(
+                f"finetune lr_factor must be > 0 (the training lr is multiplied by it), got {self.lr_factor!r}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"finetune lr must be > 0, or null to use lr_factor, got {self.lr!r}")
+
+
+def finetune_settings_from_training(info: dict, settings: Optional[FinetuneSettings] = None) -> dict:
+    """Classifier keyword arguments for fine-tuning, from the training run's hyper-parameters.
+
+    ``info`` is ``models.checkpoints.read_checkpoint``'s info (its ``"hparams"`` are used) or the
+    hyper-parameters themselves. The optimizer, momentum and weight decay are the training run's;
+    the learning rate is its ``lr * settings.lr_factor``, or ``settings.lr`` when given; the
+    schedule is constant. When the checkpoint has no hyper-parameters (a plain state dict, the
+    paper authors' files), Adam with lr 1e-5 (or ``settings.lr``) and weight decay 1e-4.
+    """
+    settings = settings or FinetuneSettings()
+    hparams = info.get("hparams", info if "lr" in info else None)
+    if not hparams or "lr" not in hparams:
+        out = dict(DEFAULT_HPARAMS)
+        if settings.lr is not None:
+            out["lr"] = settings.lr
+    else:
+        out = {k: hparams.get(k, DEFAULT_HPARAMS[k]) for k in ("optimizer", "momentum", "weight_decay")}
+        out["lr"] = settings.lr if settings.lr is not None else float(hparams["lr"]) * settings.lr_factor
+    return {**out, "schedule": "constant"}
+
+
+class RestoreRNG(Callback):
+    """Saves the random number generators (torch, CUDA, numpy, random) in every checkpoint
+    and restores them on resume, so that a resumed run draws what an uninterrupted one draws
+    (shuffling, random crops, dropout). Stored as tensors and numbers only: the checkpoint
+    still loads with ``torch.load(weights_only=True)``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "python": list(random.getstate()),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return {"rng": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("rng")
+        if not state:
+            return
+        torch.set_rng_state(state["torch"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def finetune(
+    network_file: Path,
+    arch: str,
+    num_classes: int,
+    datamodule: pl.LightningDataModule,
+    settings: FinetuneSettings,
+    train_hparams: dict,
+    run_dir: Path,
+    trainer_kwargs: dict,
+    logger: Optional[Logger] = None,
+    seed: int = 0,
+    callbacks: Sequence[Callback] = (),
+) -> tuple[nn.Module, dict]:
+    """Fine-tune the compressed network saved at ``network_file`` for ``settings.epochs`` epochs.
+
+    Args:
+        network_file: the compressed network (``models.checkpoints.save_network``).
+        datamodule: trains on its train split, validates on its val split.
+        train_hparams: the training run's hyper-parameters (see ``finetune_settings_from_training``).
+        run_dir: everything goes to ``run_dir/finetune`` (see the module doc); an interrupted
+            run there is resumed, a finished one is loaded.
+        trainer_kwargs: more ``pl.Trainer`` arguments (accelerator, devices, limits, ...).
+        logger: default ``TensorBoardLogger(run_dir, name="finetune", version="")``.
+        seed: ``pl.seed_everything(seed)`` first, so that the same call gives the same network.
+        callbacks: more Trainer callbacks.
+    Returns:
+        the network with the last epoch's weights (an ordinary ``nn.Module``, eval mode, on the
+        CPU, the layer widths of ``network_file``) and ``{"epochs", "lr", "optimizer",
+        "weight_decay", "val_accuracy", "seconds"}`` (``val_accuracy``: of the last epoch's
+        validation, ``None`` without one; ``seconds``: of this call's training).
+    """
+    network_file, run_dir = Path(network_file), Path(run_dir)
+    state, _ = read_checkpoint(network_file)
+    compressed = network_from_state(state, arch, num_classes, source=str(network_file))
+    hparams = finetune_settings_from_training(train_hparams, settings)
+    summary: dict[str, Any] = {"epochs": settings.epochs, "lr": hparams["lr"], "optimizer": hparams["optimizer"],
+                               "weight_decay": hparams["weight_decay"], "val_accuracy": None, "seconds": 0.0}
+    if settings.epochs == 0:
+        return compressed, summary
+
+    fit_dir = run_dir / "finetune"
+    done = fit_dir / DONE_FILE
+    if done.is_file():
+        done_state, done_info = read_checkpoint(done)
+        previous = done_info.get("finetune", {})
+        changed = {k: (previous.get(k), summary[k]) for k in ("epochs", "lr", "optimizer", "weight_decay")
+                   if previous.get(k) != summary[k]}
+        if changed:
+            differences = ", ".join(f"{k}: {then} then, {now} now" for k, (then, now) in changed.items())
+            raise ValueError(f"{done} was fine-tuned with other settings ({differences}); "
+                             "delete that folder to fine-tune again")
+        network = network_from_state(done_state, arch, num_classes, source=str(done))
+        _check_still_compressed(network, compressed, network_file)
+        return network, previous
+
+    reserved = sorted(set(trainer_kwargs) & {"max_epochs", "default_root_dir", "logger", "callbacks"})
+    if reserved:
+        raise ValueError(f"finetune sets {', '.join(reserved)} itself: leave them out of trainer_kwargs "
+                         "(use settings.epochs, run_dir, logger, callbacks)")
+    pl.seed_everything(seed, verbose=False)
+    module = Classifier(arch=arch, num_classes=num_classes, init_checkpoint=str(network_file), **hparams)
+    trainer = pl.Trainer(
+        **trainer_kwargs,
+        max_epochs=settings.epochs,
+        default_root_dir=fit_dir,
+        logger=logger if logger is not None else TensorBoardLogger(run_dir, name="finetune", version="",
+                                                                   default_hp_metric=False),
+        # The Classifier's own ModelCheckpoint (best and last) replaces this one and keeps its folder.
+        callbacks=[ModelCheckpoint(dirpath=fit_dir / "checkpoints", save_last=True), RestoreRNG(), *callbacks],
+    )
+    last = fit_dir / "checkpoints" / "last.ckpt"
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+    summary["seconds"] = time.perf_counter() - start
+    val_acc = trainer.callback_metrics.get("val/acc")
+    summary["val_accuracy"] = float(val_acc) if val_acc is not None else None
+
+    network = module.model.cpu().eval()
+    _check_still_compressed(network, compressed, network_file)
+    if trainer.is_global_zero:
+        tmp = done.with_suffix(".tmp")
+        save_network(network, tmp, arch, num_classes, finetune=summary)
+        os.replace(tmp, done)  # whole or absent: the marker of a finished run
+    return network, summary
+
+
+def _check_still_compressed(network: nn.Module, compressed: nn.Module, network_file: Path) -> None:
+    """Raise unless ``network`` has exactly the layer shapes of ``compressed`` (no neuron came back)."""
+    widths, expected = linear_widths(network), linear_widths(compressed)
+    shapes = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+    expected_shapes = {k: tuple(v.shape) for k, v in compressed.state_dict().items()}
+    if widths != expected or shapes != expected_shapes:
+        differ = sorted(k for k in set(shapes) | set(expected_shapes) if shapes.get(k) != expected_shapes.get(k))
+        raise RuntimeError(
+            f"fine-tuning changed the compressed network of {network_file}: widths {widths} vs {expected}; "
+            f"differing tensors: {', '.join(differ[:12])}"
+        )
+
+
+__all__ = ["FinetuneSettings", "RestoreRNG", "finetune", "finetune_settings_from_training"]

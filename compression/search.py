@@ -1,0 +1,135 @@
+"""Choosing lambda from what the user wants: a width, or an accuracy floor.
+
+Both searches walk the regularisation path from lambda_max downward, halving lambda and
+warm-starting every solve from the previous (sparser) solution, until they pass the
+target; then they bisect lambda (geometrically) between the last two points. Every
+candidate is a certified solve (``CompressionPipeline.solve`` stops on the duality gap),
+and every candidate is recorded.
+
+- Width k: the bisection runs until the solution keeps exactly k neurons. The lasso path
+  can jump over k (several columns enter at the same lambda, when inputs are tied); when
+  the bracket has shrunk to a relative width of 1e-9 and still jumps, the solution just
+  past the jump (more than k columns) keeps its k columns of largest norm, and the
+  candidate says ``resolved: truncated``.
+- Accuracy floor: the walk stops at the first lambda whose network meets the floor on
+  the validation split; ``refine`` bisection steps then look for a narrower width that
+  still meets it. The result is the narrowest of all candidates that meet the floor.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from grouplasso import active_columns, group_norms
+
+
+@dataclass
+class Candidate:
+    """One certified solve of a search: its lambda, width and (for accuracy targets) the
+    validation accuracy of the network that uses it."""
+
+    lam: float
+    ratio: float
+    width: int
+    rel_gap: float
+    seconds: float
+    val_accuracy: Optional[float] = None
+    resolved: str = "solved"
+    V: Tensor = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def row(self) -> dict:
+        row = {"lambda": self.lam, "ratio": self.ratio, "width": self.width, "rel_gap": self.rel_gap,
+               "seconds": round(self.seconds, 3), "resolved": self.resolved}
+        if self.val_accuracy is not None:
+            row["val_accuracy"] = self.val_accuracy
+        return row
+
+
+class LambdaSearch:
+    """Searches one layer's lambda.
+
+    Args:
+        solve: ``solve(lam, V0) -> (V, rel_gap)``, a certified solve warm-started from V0.
+        lam_max: the layer's lambda_max (V = 0 from there up).
+        evaluate: validation accuracy of the network with the layer's weight V (accuracy targets).
+        on_candidate: called with every candidate (logging).
+        min_ratio: the path stops at ``min_ratio * lam_max``.
+    """
+
+    def __init__(self, solve: Callable[[float, Optional[Tensor]], tuple[Tensor, float]], lam_max: float,
+                 evaluate: Optional[Callable[[Tensor], float]] = None,
+                 on_candidate: Optional[Callable[[Candidate], None]] = None, min_ratio: float = 1e-6) -> None:
+        self._solve, self.lam_max, self._evaluate = solve, lam_max, evaluate
+        self._on_candidate, self.min_ratio = on_candidate, min_ratio
+        self.candidates: list[Candidate] = []
+
+    def candidate(self, lam: float, start: Optional[Candidate] = None) -> Candidate:
+        began = time.perf_counter()
+        V, rel_gap = self._solve(lam, None if start is None else start.V)
+        found = Candidate(lam=lam, ratio=lam / self.lam_max, width=len(active_columns(V)), rel_gap=rel_gap,
+                          seconds=time.perf_counter() - began, V=V)
+        if self._evaluate is not None:
+            found.val_accuracy = self._evaluate(V)
+        self.candidates.append(found)
+        if self._on_candidate is not None:
+            self._on_candidate(found)
+        return found
+
+    def _walk(self, passed: Callable[[Candidate], bool]) -> tuple[Optional[Candidate], Optional[Candidate]]:
+        """Halve lambda from lam_max / 2 until ``passed``; returns (last not passed, first passed)."""
+        previous: Optional[Candidate] = None
+        lam = self.lam_max / 2
+        while lam >= self.min_ratio * self.lam_max:
+            current = self.candidate(lam, previous)
+            if passed(current):
+                return previous, current
+            previous, lam = current, lam / 2
+        return previous, None
+
+    def at_width(self, k: int) -> Candidate:
+        """The certified solution with exactly ``k`` nonzero columns (see the module doc)."""
+        above, below = self._walk(lambda c: c.width >= k)
+        if below is None:
+            widest = max((c.width for c in self.candidates), default=0)
+            raise ValueError(f"no lambda down to {self.min_ratio:g} * lambda_max keeps {k} neurons (at most {widest}: "
+                             "the other inputs are dead or redundant); choose a smaller width")
+        while below.width != k:
+            if above is None:  # k is kept from the first point on: bisect towards lam_max
+                hi_lam = self.lam_max
+            else:
+                hi_lam = above.lam
+            if hi_lam / below.lam < 1 + 1e-9:
+                keep = torch.topk(group_norms(below.V), k).indices
+                V = torch.zeros_like(below.V)
+                V[:, keep] = below.V[:, keep]
+                return Candidate(lam=below.lam, ratio=below.ratio, width=k, rel_gap=math.nan, seconds=0.0,
+                                 resolved=f"truncated from {below.width}", V=V)
+            middle = self.candidate(math.sqrt(hi_lam * below.lam), above)
+            if middle.width >= k:
+                below = middle
+            else:
+                above = middle
+        return below
+
+    def at_accuracy(self, floor: float, refine: int = 5) -> Optional[Candidate]:
+        """The narrowest certified candidate whose validation accuracy is at least ``floor``
+        (None when none down to ``min_ratio`` is)."""
+        assert self._evaluate is not None, "an accuracy target needs an evaluation"
+        meets = lambda c: c.val_accuracy >= floor  # noqa: E731
+        above, below = self._walk(meets)
+        if below is None:
+            return None
+        for _ in range(refine):
+            if above is None or above.width + 1 >= below.width:
+                break
+            middle = self.candidate(math.sqrt(above.lam * below.lam), above)
+            if meets(middle):
+                below = middle
+            else:
+                above = middle
+        return min((c for c in self.candidates if meets(c)), key=lambda c: (c.width, -c.val_accuracy))

@@ -1,0 +1,74 @@
+"""Typed settings of a compression run, as ``compress.py``'s config spells them.
+
+``TrainerSettings`` is the one place where the pipeline's Trainers are made: the passes
+over the data (sharded under DDP), the solves (one device per process) and fine-tuning
+all inherit the config's ``trainer`` section from here. ``Target`` says what the user
+wants instead of a lambda.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional, Union
+
+import pytorch_lightning as pl
+import torch
+
+
+@dataclass
+class TrainerSettings:
+    """The config's ``trainer`` keys that every Trainer of the pipeline inherits."""
+
+    accelerator: str = "auto"
+    devices: Union[int, str, list[int]] = 1
+    strategy: Any = "auto"
+    num_nodes: int = 1
+    enable_progress_bar: bool = True
+    max_steps: int = 10_000  # the budget of one solve
+
+    @classmethod
+    def from_config(cls, trainer: Any) -> "TrainerSettings":
+        """From LightningCLI's parsed ``trainer`` namespace (any mapping with these keys)."""
+        return cls(**{f.name: trainer[f.name] for f in fields(cls) if trainer.get(f.name) is not None})
+
+    def data_parallel(self, **overrides: Any) -> pl.Trainer:
+        """A Trainer for a pass over data, sharded over the config's devices (DDP)."""
+        settings = {k: v for k, v in asdict(self).items() if k != "max_steps"}
+        return pl.Trainer(**{**settings, "logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+                             "inference_mode": False, **overrides})
+
+    def single_device(self, is_global_zero: bool, **overrides: Any) -> pl.Trainer:
+        """A Trainer on this process's own device (under DDP on GPUs, process i uses GPU i):
+        solves are small, and every process solves the same all-reduced problem."""
+        on_gpu = self.accelerator != "cpu" and torch.cuda.is_available()
+        devices = [int(os.environ.get("LOCAL_RANK", 0))] if on_gpu else 1
+        return pl.Trainer(**{"accelerator": self.accelerator, "devices": devices, "max_steps": self.max_steps,
+                             "max_epochs": -1, "enable_model_summary": False,
+                             "enable_progress_bar": self.enable_progress_bar and is_global_zero, **overrides})
+
+    @property
+    def compute_device(self) -> torch.device:
+        """Where in-memory work (candidate evaluations) runs on this process."""
+        if self.accelerator != "cpu" and torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+
+
+@dataclass
+class Target:
+    """What the user wants instead of a lambda (set at most one).
+
+    Args:
+        max_accuracy_drop: percentage points of validation accuracy the whole run may lose;
+            each listed layer is compressed, in order, to the smallest width that keeps the
+            network within its share (see ``compression.search``).
+        width: the exact number of surviving neurons per layer (one value for all layers, or
+            one per layer).
+    """
+
+    max_accuracy_drop: Optional[float] = None
+    width: Optional[list[int]] = None
+
+    @property
+    def is_set(self) -> bool:
+        return self.max_accuracy_drop is not None or self.width is not None

@@ -1,0 +1,127 @@
+"""Recovery fine-tuning of a compressed network (compression/finetune.py) and the Classifier
+started from a compressed file; a few CPU batches of the real Fashion-MNIST."""
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from compression.finetune import DONE_FILE, FinetuneSettings, finetune, finetune_settings_from_training
+from datamodules.fashion_mnist import FashionMNISTDataModule
+from lightning_modules.classifier import Classifier
+from models import build_model
+from models.checkpoints import CheckpointMismatchError, load_network, read_checkpoint, save_network
+from models.layers import analyse_layer
+from models.profile import linear_widths
+from models.surgery import remove_neurons
+
+TRAINER = {"accelerator": "cpu", "limit_train_batches": 3, "limit_val_batches": 2, "enable_progress_bar": False,
+           "enable_model_summary": False, "log_every_n_steps": 1}
+TRAIN_HPARAMS = {"hparams": {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4}}
+
+
+@pytest.fixture(scope="module")
+def compressed_file(tmp_path_factory):
+    """AlexNet (untrained) with all but 20 inputs of classifier.6 removed, saved with save_network."""
+    torch.manual_seed(0)
+    model = build_model("alexnet", 10)
+    V = model.get_submodule("classifier.6").weight.detach().clone()
+    V[:, 20:] = 0
+    small = remove_neurons(model, analyse_layer(model, "classifier.6"), V)
+    return save_network(small, tmp_path_factory.mktemp("compressed") / "network.pt", "alexnet", 10)
+
+
+def datamodule(root: str) -> FashionMNISTDataModule:
+    return FashionMNISTDataModule(root=root, train_subset=256, test_subset=128, batch_size=64, num_workers=0)
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="epochs must be an integer >= 0"):
+        FinetuneSettings(epochs=-1)
+    with pytest.raises(ValueError, match="lr_factor must be > 0"):
+        FinetuneSettings(epochs=1, lr_factor=0)
+    with pytest.raises(ValueError, match="lr must be > 0, or null"):
+        FinetuneSettings(epochs=1, lr=-1e-3)
+    assert FinetuneSettings().epochs == 0
+
+
+def test_hyper_parameters_follow_the_training_run():
+    settings = FinetuneSettings(epochs=1, lr_factor=0.1)
+    sgd = {"hparams": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.8, "weight_decay": 5e-4, "schedule": "cosine"}}
+    assert finetune_settings_from_training(sgd, settings) == pytest.approx(
+        {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.8, "weight_decay": 5e-4, "schedule": "constant"})
+    assert finetune_settings_from_training(sgd["hparams"], FinetuneSettings(epochs=1, lr=0.5))["lr"] == 0.5
+    # A plain state dict (no hyper-parameters): Adam, lr 1e-5, weight decay 1e-4.
+    default = finetune_settings_from_training({"arch": "alexnet", "num_classes": 10}, settings)
+    assert (default["optimizer"], default["lr"], default["weight_decay"]) == ("adam", 1e-5, 1e-4)
+
+
+def test_classifier_starts_from_a_compressed_network(compressed_file, tmp_path):
+    module = Classifier("alexnet", 10, init_checkpoint=str(compressed_file))
+    assert linear_widths(module.model) == linear_widths(load_network(compressed_file))
+    assert linear_widths(module.model)["classifier.6"] == 20
+    assert module.model.training
+    foreign = {k.replace("classifier", "head"): v for k, v in read_checkpoint(compressed_file)[0].items()}
+    torch.save(foreign, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys.*classifier\.1\.weight") as err:
+        Classifier("alexnet", 10, init_checkpoint=str(tmp_path / "foreign.pt"))
+    assert "unexpected keys" in str(err.value) and "head.6.weight" in str(err.value)
+    with pytest.raises(CheckpointMismatchError, match="classifier.6.weight: 10 outputs vs num_classes 7"):
+        Classifier("alexnet", 7, init_checkpoint=str(compressed_file))
+
+
+def test_finetuning_trains_and_stays_compressed(compressed_file, fashion_root, tmp_path, monkeypatch):
+    before = load_network(compressed_file)
+    settings = FinetuneSettings(epochs=1, lr_factor=0.1)
+    network, summary = finetune(compressed_file, "alexnet", 10, datamodule(fashion_root), settings, TRAIN_HPARAMS,
+                                tmp_path, TRAINER)
+    assert not network.training and isinstance(network, torch.nn.Module)
+    assert linear_widths(network) == linear_widths(before)
+    assert any(not torch.equal(a, b) for a, b in zip(network.state_dict().values(), before.state_dict().values()))
+    assert summary["epochs"] == 1 and summary["lr"] == pytest.approx(1e-4) and summary["optimizer"] == "adam"
+    assert summary["weight_decay"] == 1e-4 and 0 <= summary["val_accuracy"] <= 1 and summary["seconds"] > 0
+    checkpoints = tmp_path / "finetune" / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_file() and (tmp_path / "finetune" / DONE_FILE).is_file()
+    # The fine-tuning checkpoint carries its hyper-parameters for the next run.
+    assert read_checkpoint(checkpoints / "last.ckpt")[1]["hparams"]["lr"] == pytest.approx(1e-4)
+
+    # Finished: a second call loads the result instead of training.
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fine-tuning ran again")
+
+    monkeypatch.setattr(pl.Trainer, "fit", no_fit)
+    again, summary_again = finetune(compressed_file, "alexnet", 10, datamodule(fashion_root), settings,
+                                    TRAIN_HPARAMS, tmp_path, TRAINER)
+    assert summary_again == summary
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), network.state_dict().values()))
+
+
+class CrashAtEpoch(pl.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_ends_where_an_uninterrupted_run_does(compressed_file, fashion_root, tmp_path):
+    settings = FinetuneSettings(epochs=2, lr=1e-4)
+    args = (compressed_file, "alexnet", 10)
+    trainer = {**TRAINER, "limit_train_batches": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+    whole, _ = finetune(*args, datamodule(fashion_root), settings, TRAIN_HPARAMS, tmp_path / "whole", trainer)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        finetune(*args, datamodule(fashion_root), settings, TRAIN_HPARAMS, tmp_path / "cut", trainer,
+                 callbacks=[CrashAtEpoch(1)])
+    assert (tmp_path / "cut" / "finetune" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "cut" / "finetune" / DONE_FILE).exists()
+    resumed, _ = finetune(*args, datamodule(fashion_root), settings, TRAIN_HPARAMS, tmp_path / "cut", trainer)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_no_epochs_returns_the_compressed_network(compressed_file, fashion_root, tmp_path):
+    network, summary = finetune(compressed_file, "alexnet", 10, datamodule(fashion_root), FinetuneSettings(), {},
+                                tmp_path, TRAINER)
+    assert summary["epochs"] == 0 and summary["val_accuracy"] is None
+    assert linear_widths(network)["classifier.6"] == 20 and not (tmp_path / "finetune").exists()
