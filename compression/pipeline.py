@@ -259,8 +259,6 @@ class CompressionPipeline:
         rows = None
         if path or path_ratios:
             lambdas = path or [check_ratio(r, "path ratio") * top for r in path_ratios]
-            for lam in lambdas:
-                self._check_below_lambda_max(lam, top, plan.layer)
             rows = self.regularisation_path(network, stats, lambdas, plan, passes)
         solution: Optional[Solution] = None
         if plan.how in ("lambda", "ratio"):
@@ -286,7 +284,8 @@ class CompressionPipeline:
         if self.solver == "paper_adam" and solution is not None:
             entry["certified_same_width"] = self._certified_at_width(stats, W, plan, entry["active"])
         V = self._final(stats, V) if solution is not None else V
-        entry["width_after"] = len(active_columns(V))
+        entry["kept_indices"] = active_columns(V).tolist()  # the neurons kept, numbered as before this layer
+        entry["width_after"] = len(entry["kept_indices"])
         if self.debias:
             entry["mse_debiased"] = mse(stats, V)
         return remove_neurons(network, info, V).eval(), entry

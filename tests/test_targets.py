@@ -1,0 +1,119 @@
+"""Saying how much to compress: scale-free lambda ratios, width and accuracy targets, the
+paper's absolute setting, and bad input. Pipeline runs on a small synthetic task (seconds)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from compression.pipeline import CompressionPipeline
+from compression.settings import Target, TrainerSettings
+from lightning_modules.lasso import LassoCompression
+from models.profile import linear_widths
+from tests.helpers import ToyDataModule, toy_network
+
+from functools import partial
+
+from callbacks.convergence import Convergence
+
+
+@pytest.fixture(scope="module")
+def toy() -> torch.nn.Module:
+    return toy_network()
+
+
+def pipeline(network: torch.nn.Module, folder: Path, **kwargs) -> CompressionPipeline:
+    options = {"make_convergence": partial(Convergence, tol=1e-6, verbose=False),
+               "trainer": TrainerSettings(accelerator="cpu", enable_progress_bar=False)}
+    options.update(kwargs)
+    return CompressionPipeline(
+        network=network, arch="toy", num_classes=3, datamodule=ToyDataModule(root=".", num_workers=0, batch_size=256),
+        run_dir=folder, cache_dir=None, **options)
+
+
+def test_lambda_ratios_keep_the_same_neurons_when_inputs_or_outputs_are_scaled(toy, tmp_path):
+    """Scaling the layer's inputs by c (and its weight by 1/c: the same function) or its outputs
+    by c multiplies lambda_max by c; the same ratio keeps exactly the same neurons."""
+    reference = pipeline(toy, tmp_path / "a").run(["4"], lambda_ratios=[0.05])["layers"][0]
+    assert 0 < reference["width_after"] < 40
+    inputs_scaled = toy_network()
+    with torch.no_grad():
+        inputs_scaled[2].weight.mul_(7.0), inputs_scaled[2].bias.mul_(7.0), inputs_scaled[4].weight.div_(7.0)
+    outputs_scaled = toy_network()
+    with torch.no_grad():
+        outputs_scaled[4].weight.mul_(3.0), outputs_scaled[4].bias.mul_(3.0)
+    for network, c, name in ((inputs_scaled, 7.0, "b"), (outputs_scaled, 3.0, "c")):
+        entry = pipeline(network, tmp_path / name).run(["4"], lambda_ratios=[0.05])["layers"][0]
+        assert entry["lambda_max"] == pytest.approx(c * reference["lambda_max"], rel=1e-6)
+        assert entry["lambda"] == pytest.approx(c * reference["lambda"], rel=1e-6)
+        assert entry["ratio"] == pytest.approx(0.05)
+        assert entry["kept_indices"] == reference["kept_indices"]
+
+
+@pytest.mark.parametrize("width", [1, 6, 17])
+def test_target_width_keeps_exactly_that_many_neurons(toy, tmp_path, width):
+    report = pipeline(toy, tmp_path).run(["4"], target=Target(width=[width]))
+    entry = report["layers"][0]
+    assert entry["width_after"] == width == linear_widths_of(report)["4"]
+    assert entry["chosen_by"] == "width" and len(entry["candidates"]) >= 1
+    certified = [c for c in entry["candidates"] if c["resolved"] == "solved"]
+    assert all(c["rel_gap"] <= 1e-6 for c in certified)  # every candidate is a certified solve
+    widths = [c["width"] for c in entry["candidates"]]
+    assert width in widths or entry["stop"].startswith("truncated")
+
+
+def linear_widths_of(report: dict) -> dict[str, int]:
+    return report["after"]["widths"]
+
+
+def test_two_layers_by_width_and_the_report_says_how_each_was_chosen(toy, tmp_path):
+    report = pipeline(toy, tmp_path).run(["2", "4"], target=Target(width=[30, 12]))
+    assert [e["width_after"] for e in report["layers"]] == [30, 12]
+    assert report["after"]["widths"] == {"0": 8, "2": 30, "4": 12}
+    for entry in report["layers"]:
+        assert {"lambda", "lambda_max", "ratio"} <= set(entry)
+        assert entry["ratio"] == pytest.approx(entry["lambda"] / entry["lambda_max"])
+
+
+def test_accuracy_budget_missed_at_every_width_keeps_the_layer(toy, tmp_path, monkeypatch):
+    import compression.pipeline as module
+
+    monkeypatch.setattr(module, "tail_accuracy", lambda *args, **kwargs: 0.0)
+    with pytest.warns(UserWarning, match="keeps its full width"):
+        report = pipeline(toy, tmp_path).run(["4"], target=Target(max_accuracy_drop=1.0))
+    entry = report["layers"][0]
+    assert entry["width_after"] == 40 and entry["stop"].startswith("kept at full width")
+    assert report["after"]["test_accuracy"] == report["before"]["test_accuracy"]
+
+
+def test_paper_procedure_runs_above_lambda_max_with_a_warning_and_the_certified_twin(toy, tmp_path):
+    top = pipeline(toy, tmp_path / "probe").run(["2"], lambda_ratios=[0.5])["layers"][0]["lambda_max"]
+    paper = partial(LassoCompression, solver="paper_adam", lr=0.01)
+    with pytest.warns(UserWarning, match=r"above lambda_max.*exact optimum .* removes every neuron"):
+        report = pipeline(toy, tmp_path / "paper", make_module=paper,
+                          trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False, max_steps=30)
+                          ).run(["2"], lambdas=[1.2 * top])
+    entry = report["layers"][0]
+    assert entry["lambda"] == pytest.approx(1.2 * top) and entry["width_after"] > 0
+    twin = entry["certified_same_width"]
+    assert twin["width"] == entry["width_after"] and twin["lambda"] < top and twin["rel_gap"] <= 1e-6
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target": Target(width=[41])}, r"width 41 for '4' is not possible: it has 40 input neurons; choose 1 to 40"),
+    ({"target": Target(width=[0])}, r"width 0 for '4' is not possible"),
+    ({"target": Target(max_accuracy_drop=-1.0)}, r"max_accuracy_drop is in percentage points"),
+    ({"lambda_ratios": [1.5]}, r"lambda ratio must be in \(0, 1\)"),
+    ({"lambda_ratios": [0.1], "lambdas": [0.1]}, r"exactly one of .* got lambdas, lambda_ratios"),
+    ({}, r"exactly one of .* got none"),
+])
+def test_impossible_requests_say_what_is_possible(toy, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipeline(toy, tmp_path).run(["4"], **kwargs)
+
+
+def test_targets_refuse_the_paper_procedure(toy, tmp_path):
+    with pytest.raises(ValueError, match="targets need a certified solver"):
+        pipeline(toy, tmp_path, make_module=partial(LassoCompression, solver="paper_adam")).run(
+            ["4"], target=Target(width=[3]))
