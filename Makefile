@@ -34,7 +34,7 @@ $(DEMO_CKPT):
 demo: install data $(DEMO_CKPT)  ## train (once) and compress AlexNet on Fashion-MNIST, print the report
 	$(PY) compress.py --config alexnet_fashion_compress --checkpoint $(DEMO_CKPT)
 
-test: install data  ## the whole test suite (CPU, about 15 minutes)
+test: install data  ## the whole test suite (CPU)
 	$(PY) -m pytest -q
 
 test-fast: install data  ## the suite without the slow real-data runs

@@ -43,9 +43,9 @@ class CompressCLI(ProjectCLI):
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_defaults", {"default_root_dir": "runs", "max_steps": 10_000})
-        given = list(sys.argv[1:] if args is None else args)
-        self.amount_on_command_line = {key for key in AMOUNT_KEYS for arg in given
-                                       if arg == f"--{key}" or arg.startswith((f"--{key}=", f"--{key}."))}
+        given = [arg.split("=", 1)[0] for arg in (sys.argv[1:] if args is None else args) if arg.startswith("--")]
+        # e.g. {"lambdas"} or {"target.width"}: how the command line says how much to compress
+        self.amount_on_command_line = {arg[2:] for arg in given if arg[2:].split(".")[0] in AMOUNT_KEYS}
         super().__init__(LassoCompression, args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -79,13 +79,15 @@ class CompressCLI(ProjectCLI):
     def amount(self) -> dict[str, Any]:
         """``lambdas``, ``lambda_ratios`` and ``target`` as the run uses them: when the command
         line names one of them, the others the config may have set are dropped."""
-        config = self.config
-        chosen = {"lambdas": config.lambdas, "lambda_ratios": config.lambda_ratios,
-                  "target": Target(**dict(config.target))}
-        if self.amount_on_command_line:
-            chosen = {k: (v if k in self.amount_on_command_line else (Target() if k == "target" else None))
-                      for k, v in chosen.items()}
-        return chosen
+        config, named = self.config, self.amount_on_command_line
+        target = dict(config.target)
+        if not named:
+            return {"lambdas": config.lambdas, "lambda_ratios": config.lambda_ratios, "target": Target(**target)}
+        if "target" not in named:  # only some target fields were named: the others are the config's
+            target = {k: v for k, v in target.items() if f"target.{k}" in named}
+        return {"lambdas": config.lambdas if "lambdas" in named else None,
+                "lambda_ratios": config.lambda_ratios if "lambda_ratios" in named else None,
+                "target": Target(**target)}
 
     def compress(self) -> dict[str, Any]:
         config = self.config

@@ -82,14 +82,13 @@ class DataPasses:
     def features(self, network: nn.Module, split: str) -> BlockFeatures:
         """This process's stored head inputs of ``split``, made by one pass up to the head if needed."""
         description = describe(network, f"head-{self.head}", self.datamodule, split, skip_prefix=self.head)
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        trainer = self.trainer.data_parallel()  # knows this process's rank before DDP starts
         folder = self.cache_dir or self.work_dir / "features"
-        path = entry_path(folder, description, suffix=f"-rank{rank}of{world}")
+        path = entry_path(folder, description, suffix=f"-rank{trainer.global_rank}of{trainer.world_size}")
         if BlockFeatures.exists(path):
             return BlockFeatures.open(path)
         start = time.perf_counter()
         writer = FeatureWriter(path)
-        trainer = self.trainer.data_parallel()
         trainer.predict(BlockInputPass(network, self.head, writer), dataloaders=self.loader(split),
                         return_predictions=False)
         network.cpu()

@@ -357,7 +357,7 @@ class CompressionPipeline:
         if self.finetune.epochs > 0:
             report["after_surgery"] = report["after"]
             tuned, details = finetune(saved, self.arch, self.num_classes, self.datamodule, self.finetune,
-                                      self.train_hparams, self.run_dir, self._finetune_trainer_kwargs())
+                                      self.train_hparams, self.run_dir, self.trainer.distributed())
             report["finetune"] = details
             network = tuned.eval()
             report["after"] = self.profile(network, passes, with_val)
@@ -365,11 +365,6 @@ class CompressionPipeline:
                 save_network(network, saved, self.arch, self.num_classes, layers=report["layers"], finetune=details)
         report["network"] = str(saved)
         return report
-
-    def _finetune_trainer_kwargs(self) -> dict[str, Any]:
-        return {"accelerator": self.trainer.accelerator, "devices": self.trainer.devices,
-                "strategy": self.trainer.strategy, "num_nodes": self.trainer.num_nodes,
-                "enable_progress_bar": self.trainer.enable_progress_bar}
 
     # --- the whole job -------------------------------------------------------------------------
     def run(self, layers: list[str], lambdas: Optional[list[float]] = None,

@@ -31,10 +31,13 @@ class TrainerSettings:
         """From LightningCLI's parsed ``trainer`` namespace (any mapping with these keys)."""
         return cls(**{f.name: trainer[f.name] for f in fields(cls) if trainer.get(f.name) is not None})
 
+    def distributed(self) -> dict[str, Any]:
+        """The Trainer arguments that place work on the config's devices (all but ``max_steps``)."""
+        return {k: v for k, v in asdict(self).items() if k != "max_steps"}
+
     def data_parallel(self, **overrides: Any) -> pl.Trainer:
         """A Trainer for a pass over data, sharded over the config's devices (DDP)."""
-        settings = {k: v for k, v in asdict(self).items() if k != "max_steps"}
-        return pl.Trainer(**{**settings, "logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+        return pl.Trainer(**{**self.distributed(), "logger": False, "enable_checkpointing": False, "enable_model_summary": False,
                              "inference_mode": False, **overrides})
 
     def single_device(self, is_global_zero: bool, **overrides: Any) -> pl.Trainer:

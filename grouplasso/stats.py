@@ -109,9 +109,9 @@ class StatsAccumulator:
         self.n = reduce_sum(self.n)
 
     def finalize(self) -> LassoStats:
+        """The means; at least one sample must have been accumulated (the passes over the data
+        check that, ``lightning_modules.network_pass.require_samples``)."""
         n = int(self.n.item())
-        if n == 0:
-            raise ValueError("no samples were accumulated: the data set is empty")
         if self._upper_only:
             G = (torch.triu(self.G) + torch.triu(self.G, 1).T) / n
         else:  # symmetric in exact arithmetic; solvers rely on it exactly

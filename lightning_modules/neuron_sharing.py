@@ -2,9 +2,9 @@
 trained full-batch by SGD on a teacher's data, with the proximal weight decay, ordinary
 weight decay, or no regularisation.
 
-    python train.py --config neuron_sharing_prox.yaml     # proximal weight decay
-    python train.py --config neuron_sharing_wd.yaml       # weight decay through the optimizer
-    python train.py --config neuron_sharing_none.yaml     # unregularised
+    python train.py --config neuron_sharing.yaml                                  # proximal weight decay
+    python train.py --config neuron_sharing.yaml --config neuron_sharing_wd.yaml    # weight decay through the optimizer
+    python train.py --config neuron_sharing.yaml --config neuron_sharing_none.yaml  # unregularised
 """
 from __future__ import annotations
 

@@ -117,3 +117,17 @@ def test_targets_refuse_the_paper_procedure(toy, tmp_path):
     with pytest.raises(ValueError, match="targets need a certified solver"):
         pipeline(toy, tmp_path, make_module=partial(LassoCompression, solver="paper_adam")).run(
             ["4"], target=Target(width=[3]))
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], {"target": Target(max_accuracy_drop=0.5)}),  # the demo config's own choice
+    (["--lambdas", "[0.01]"], {"lambdas": [0.01]}),
+    (["--lambda_ratios=[0.1,0.2]"], {"lambda_ratios": [0.1, 0.2]}),
+    (["--target.width", "[7]"], {"target": Target(width=[7])}),
+])
+def test_the_command_line_choice_replaces_the_config_choice(tmp_path, extra, expected):
+    from cli.compress import CompressCLI
+
+    cli = CompressCLI(["--config", "alexnet_fashion_compress", "--checkpoint", "unused.ckpt",
+                       "--trainer.logger.init_args.save_dir", str(tmp_path), *extra])
+    assert cli.amount() == {"lambdas": None, "lambda_ratios": None, "target": Target(), **expected}
