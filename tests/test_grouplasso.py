@@ -9,6 +9,7 @@ import torch
 from sklearn.linear_model import MultiTaskLasso
 
 from grouplasso import (
+    group_norms,
     SOLVERS, LassoStats, PaperAdam, StatsAccumulator, debias, duality_gap, group_soft_threshold, mse, objective,
 )
 
@@ -82,6 +83,21 @@ def test_statistics_with_dead_inputs_equal_the_dense_products():
     stats = acc.finalize()
     torch.testing.assert_close(stats.G, torch.from_numpy(X.T @ X / 64), rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(stats.C, torch.from_numpy(Y.T @ X / 64), rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("seed, lam", [(3, 0.05), (4, 0.3)])
+def test_working_set_with_many_outputs_solves_in_the_span_of_c_exactly(seed, lam):
+    """D = 40 outputs, K = 15 columns: the working set's subproblems are solved in the span of
+    C's columns (D > 2 |W|); the result must still be cvxpy's optimum with its zero columns."""
+    X, Y, b = make_problem(seed, n=80, K=15, D=40)
+    V_ref, F_ref = cvxpy_solution(X, Y, b, lam)
+    stats = stats_of(X, Y, b)
+    solver = solve("working_set", stats, lam)
+    assert objective(stats, solver.V, lam) == pytest.approx(F_ref, rel=1e-6)
+    ours = set(torch.nonzero(group_norms(solver.V) == 0).flatten().tolist())
+    theirs = set(np.flatnonzero(np.linalg.norm(V_ref, axis=0) < 1e-6).tolist())
+    assert ours == theirs and 0 < len(ours) < X.shape[1]
+    torch.testing.assert_close(solver.V, torch.from_numpy(V_ref), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("seed, lam", [(0, 0.05), (1, 0.2), (2, 0.5)])
