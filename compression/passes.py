@@ -74,6 +74,7 @@ class DataPasses:
     work_dir: Path
     batch_size: int = 2048
     seconds: dict[str, float] = field(default_factory=dict)  # time of each split's pass up to the head
+    _done: dict[str, tuple[PassResult, float]] = field(default_factory=dict, repr=False)
 
     def loader(self, split: str) -> Any:
         dm = self.datamodule
@@ -101,8 +102,11 @@ class DataPasses:
         """Loss and accuracy of ``network`` on ``split`` (and the statistics of ``layer``, a module
         path inside the head), from the cache when possible; returns the result and the seconds
         spent (0 for a cache hit)."""
-        description = describe(network, layer, self.datamodule, split) if self.cache_dir else None
-        if description is not None and (hit := load_entry(self.cache_dir, description)) is not None:
+        description = describe(network, layer, self.datamodule, split)
+        key = repr(sorted(description.items()))
+        if key in self._done:  # computed earlier in this run: the time it took then
+            return self._done[key]
+        if self.cache_dir and (hit := load_entry(self.cache_dir, description)) is not None:
             return _from_entry(hit), 0.0
         features = self.features(network, split)
         start = time.perf_counter()
@@ -111,8 +115,9 @@ class DataPasses:
                           relative_name(self.head, layer) if layer else None)
         network.cpu()
         seconds = time.perf_counter() - start
-        if description is not None and trainer.is_global_zero:
+        if self.cache_dir and trainer.is_global_zero:
             save_entry(self.cache_dir, description, _to_entry(result))
+        self._done[key] = (result, seconds)
         return result, seconds
 
     def layer_inputs(self, network: nn.Module, split: str, layer: str) -> tuple[Tensor, Tensor]:

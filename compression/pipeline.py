@@ -337,9 +337,11 @@ class CompressionPipeline:
         self._candidates_logged = step + 1
 
     # --- 3. the result -------------------------------------------------------------------------
-    def profile(self, network: nn.Module, passes: DataPasses, with_val: bool) -> dict[str, Any]:
-        """Accuracy, loss and size of ``network``."""
-        train, _ = passes.evaluate(network, "train")
+    def profile(self, network: nn.Module, passes: DataPasses, with_val: bool, layer: Optional[str] = None
+                ) -> dict[str, Any]:
+        """Accuracy, loss and size of ``network``. Naming the ``layer`` compressed next makes its
+        statistics part of the same pass over the training split (and of the same cache entry)."""
+        train, _ = passes.evaluate(network, "train", layer)
         test, _ = passes.evaluate(network, "test")
         shape = tuple(self.datamodule.test_set[0][0].shape)
         out = {"train_loss": train.loss, "train_accuracy": train.accuracy, "test_accuracy": test.accuracy}
@@ -384,7 +386,7 @@ class CompressionPipeline:
         passes = DataPasses(self.datamodule, head_of(network, [p.module for p in plans]), self.trainer,
                             self.cache_dir, self.run_dir)
         with_val = any(p.how == "accuracy" for p in plans)
-        report: dict[str, Any] = {"before": self.profile(network, passes, with_val), "layers": []}
+        report: dict[str, Any] = {"before": self.profile(network, passes, with_val, plans[0].module), "layers": []}
         for plan in plans:
             network, entry = self.compress_layer(network, plan, passes, report["before"], path, path_ratios)
             report["layers"].append(entry)
