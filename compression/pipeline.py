@@ -271,7 +271,7 @@ class CompressionPipeline:
             V = W.to(torch.float64) if found is None else found.V
             if found is not None:
                 solution = Solution(V=found.V, lam=found.lam, rel_gap=found.rel_gap, steps=0, seconds=found.seconds,
-                                    reason=found.resolved)
+                                    reason=f"searched: {found.resolved} ({len(entry['candidates'])} candidates)")
         if solution is not None:
             entry.update(solution.summary(stats))
             entry["ratio"] = solution.lam / top
