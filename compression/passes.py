@@ -75,6 +75,7 @@ class DataPasses:
     batch_size: int = 2048
     seconds: dict[str, float] = field(default_factory=dict)  # time of each split's pass up to the head
     _done: dict[str, tuple[PassResult, float]] = field(default_factory=dict, repr=False)
+    _shard: Optional[str] = field(default=None, repr=False)
 
     def loader(self, split: str) -> Any:
         dm = self.datamodule
@@ -83,11 +84,13 @@ class DataPasses:
     def features(self, network: nn.Module, split: str) -> BlockFeatures:
         """This process's stored head inputs of ``split``, made by one pass up to the head if needed."""
         description = describe(network, f"head-{self.head}", self.datamodule, split, skip_prefix=self.head)
-        trainer = self.trainer.data_parallel()  # knows this process's rank before DDP starts
-        folder = self.cache_dir or self.work_dir / "features"
-        path = entry_path(folder, description, suffix=f"-rank{trainer.global_rank}of{trainer.world_size}")
+        if self._shard is None:  # a Trainer knows this process's rank before DDP starts
+            probe = self.trainer.data_parallel()
+            self._shard = f"rank{probe.global_rank}of{probe.world_size}"
+        path = entry_path(self.cache_dir or self.work_dir / "features", description, suffix=f"-{self._shard}")
         if BlockFeatures.exists(path):
             return BlockFeatures.open(path)
+        trainer = self.trainer.data_parallel()
         start = time.perf_counter()
         writer = FeatureWriter(path)
         trainer.predict(BlockInputPass(network, self.head, writer), dataloaders=self.loader(split),
