@@ -230,9 +230,12 @@ def test_two_process_ddp_statistics_equal_one_process(tmp_path, fashion_root, ch
     (single_file,) = (tmp_path / "single_cache").glob("train-classifier.6-*.pt")
     a, b = (torch.load(f, weights_only=True)["entry"] for f in (ddp_file, single_file))
     assert a["n"] == b["n"] == 600
-    torch.testing.assert_close(a["stats"]["G"], b["stats"]["G"], rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(a["stats"]["C"], b["stats"]["C"], rtol=1e-9, atol=1e-9)
-    assert a["stats"]["s"] == pytest.approx(b["stats"]["s"], rel=1e-12)
+    # The layer's inputs come from float32 passes of the head in other batch sizes and thread
+    # counts (each process its own shard), which round differently in the last bits: the sums
+    # agree to float32 precision. A lost or doubly counted shard would be off by a factor.
+    torch.testing.assert_close(a["stats"]["G"], b["stats"]["G"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(a["stats"]["C"], b["stats"]["C"], rtol=1e-5, atol=1e-7)
+    assert a["stats"]["s"] == pytest.approx(b["stats"]["s"], rel=1e-6)
     assert a["accuracy"] == b["accuracy"]
     report = json.loads((tmp_path / "runs" / "compress_alexnet_fashion" / "version_0" / "report.json").read_text())
     assert report["after"]["widths"] == single["after"]["widths"]
