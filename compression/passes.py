@@ -72,7 +72,9 @@ class DataPasses:
     trainer: TrainerSettings
     cache_dir: Optional[Path]
     work_dir: Path
-    batch_size: int = 2048
+    # Read the stored inputs in the data loader's batches: the head then computes exactly what
+    # it computes inside a whole-network pass (float32 products round by batch shape).
+    batch_size: int = 500
     seconds: dict[str, float] = field(default_factory=dict)  # time of each split's pass up to the head
     _done: dict[str, tuple[PassResult, float]] = field(default_factory=dict, repr=False)
     _shard: Optional[str] = field(default=None, repr=False)

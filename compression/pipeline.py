@@ -384,7 +384,7 @@ class CompressionPipeline:
         self.datamodule.setup("fit")
         network = self.network.eval()
         passes = DataPasses(self.datamodule, head_of(network, [p.module for p in plans]), self.trainer,
-                            self.cache_dir, self.run_dir)
+                            self.cache_dir, self.run_dir, batch_size=self.datamodule.hparams.batch_size)
         with_val = any(p.how == "accuracy" for p in plans)
         report: dict[str, Any] = {"before": self.profile(network, passes, with_val, plans[0].module), "layers": []}
         for plan in plans:

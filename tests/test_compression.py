@@ -50,7 +50,7 @@ def demo_run(tmp_path_factory, fashion_root, checkpoint):
 @pytest.mark.slow
 def test_compressed_network_keeps_accuracy_and_loses_most_neurons(demo_run, fashion_root):
     folder, report = demo_run
-    before, after = report["before"], report["after"]
+    before, after = report["before"], report["after_surgery"]  # the compression itself; fine-tuning below
     # The stated margin: at most 7 points of test accuracy on 1,000 real test images while
     # removing 99% of both layers' neurons. This briefly trained network (64.8%) is fragile and
     # loses 5.4 points; the fully trained demo network (statistics over 54,000 images) loses
@@ -68,7 +68,8 @@ def test_compressed_network_keeps_accuracy_and_loses_most_neurons(demo_run, fash
     dm = FashionMNISTDataModule(root=fashion_root, batch_size=500, num_workers=0, test_subset=1000)
     dm.setup("test")
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False)
-    assert run_pass(trainer, network, dm.test_dataloader()).accuracy == pytest.approx(after["test_accuracy"], abs=1e-9)
+    assert run_pass(trainer, network, dm.test_dataloader()).accuracy == pytest.approx(report["after"]["test_accuracy"],
+                                                                                        abs=1e-9)
 
 
 @pytest.mark.slow
@@ -80,6 +81,9 @@ def test_fine_tuning_keeps_the_compressed_widths(demo_run):
     assert tuned["parameters"] == surgery["parameters"]
     assert report["finetune"]["epochs"] == 1 and report["finetune"]["lr"] == pytest.approx(3e-5)  # 0.1 x training lr
     assert tuned["train_loss"] != surgery["train_loss"]  # it trained
+    # 17 steps at 0.1 x the training lr move the briefly trained network a little either way (the
+    # demo network's numbers are in the README); a broken fine-tuning falls towards chance.
+    assert abs(tuned["test_accuracy"] - surgery["test_accuracy"]) <= 0.03
 
 
 @pytest.mark.slow
