@@ -11,7 +11,7 @@ from pathlib import Path
 import importlib
 import inspect
 import pkgutil
-from typing import Any, NoReturn, Optional, Sequence
+from typing import Any, NoReturn, Sequence
 
 from pytorch_lightning import LightningDataModule, LightningModule
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI

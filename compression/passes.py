@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset
 from compression.cache import describe, entry_path, load_entry, save_entry
 from compression.features import BlockFeatures, FeatureWriter
 from compression.settings import TrainerSettings
-from grouplasso import LassoStats
+from grouplasso import LassoStats, active_columns
 from lightning_modules.network_pass import BlockInputPass, PassResult, require_samples, run_pass
 from models.pruned import IndexedLinear
 
@@ -169,7 +169,7 @@ def tail_accuracy(network: nn.Module, head: str, layer: str, inputs: Tensor, lab
     rest = sequential[index + 1:].eval()
     bias = network.get_submodule(layer).bias
     device = inputs.device
-    keep = torch.nonzero(V.square().sum(0) > 0).flatten().to(device)
+    keep = active_columns(V).to(device)
     W = V[:, keep].to(device, torch.float32)
     rest.to(device)
     correct = torch.zeros((), dtype=torch.float64)

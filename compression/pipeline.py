@@ -36,7 +36,6 @@ from compression.search import Candidate, LambdaSearch
 from compression.settings import Target, TrainerSettings
 from grouplasso import LassoStats, active_columns, check_lambda, debias, lambda_max, mse, objective
 from lightning_modules.lasso import LassoCompression
-from lightning_modules.network_pass import PassResult
 from models.checkpoints import save_network
 from models.layers import analyse_layer, resolve_layer_name
 from models.profile import count_macs, count_parameters, latency_ms, linear_widths

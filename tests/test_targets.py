@@ -2,20 +2,17 @@
 paper's absolute setting, and bad input. Pipeline runs on a small synthetic task (seconds)."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
+from callbacks.convergence import Convergence
 from compression.pipeline import CompressionPipeline
 from compression.settings import Target, TrainerSettings
 from lightning_modules.lasso import LassoCompression
-from models.profile import linear_widths
 from tests.helpers import ToyDataModule, toy_network
-
-from functools import partial
-
-from callbacks.convergence import Convergence
 
 
 @pytest.fixture(scope="module")
