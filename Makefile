@@ -40,7 +40,7 @@ test: install data  ## the whole test suite (CPU)
 test-fast: install data  ## the suite without the slow real-data runs
 	$(PY) -m pytest -q -m "not slow"
 
-bench: install  ## the benchmark scripts' dependencies (scikit-learn, skglm)
+bench: install  ## the benchmark scripts' dependencies (scikit-learn, skglm, torch-pruning)
 	$(PY) -m pip install --quiet -e ".[test,bench]"
 
 clean:  ## remove runs and caches (keeps .venv and data)

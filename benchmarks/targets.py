@@ -71,7 +71,7 @@ def evaluation_costs(checkpoint: str, report: dict, folder: Path) -> dict[str, f
     mask[keep] = True
     V[:, ~mask] = 0
     start = time.perf_counter()
-    tail_accuracy(network, "classifier", "classifier.4", inputs, labels, V)
+    tail_accuracy(network, "classifier.4", inputs, labels, V)
     candidate = time.perf_counter() - start
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False)
     start = time.perf_counter()

@@ -6,7 +6,7 @@ judges accuracy targets), ``convergence`` the stopping rule, ``trainer`` the
 devices/strategy (DDP shards the passes over the data) and the ``max_steps`` budget of a
 solve, ``target`` and ``finetune`` what the user wants. Top-level fields: ``checkpoint``,
 ``layers``, ``lambdas`` / ``lambda_ratios``, ``path`` / ``path_ratios``, ``debias``,
-``cache_dir``, ``report``, ``resume``.
+``baselines``, ``conv_positions``, ``cache_dir``, ``report``, ``resume``.
 
 How much to compress is said in exactly one way: ``--target.max_accuracy_drop``,
 ``--target.width``, ``--lambda_ratios`` or ``--lambdas``. One given on the command line
@@ -55,7 +55,8 @@ class CompressCLI(ProjectCLI):
         parser.add_argument("--arch", type=Optional[str], default=None,
                             help="alexnet or vgg19; read from the checkpoint when not given.")
         parser.add_argument("--layers", type=list[str], default=["last"],
-                            help="Layers to compress in this order: short names (first, pen, last) or module paths.")
+                            help="Layers to compress in this order: short names (first, pen, last; conv2.. for "
+                                 "convolutions) or module paths (features.10).")
         parser.add_argument("--lambdas", type=Optional[list[float]], default=None,
                             help="Absolute penalty per layer (one value for all layers, or one per layer).")
         parser.add_argument("--lambda_ratios", type=Optional[list[float]], default=None,
@@ -67,6 +68,11 @@ class CompressCLI(ProjectCLI):
                             help="The same, as fractions of each layer's lambda_max.")
         parser.add_argument("--debias", type=bool, default=False,
                             help="Refit the surviving columns by least squares (no penalty) before surgery.")
+        parser.add_argument("--baselines", type=bool, default=False,
+                            help="Also measure the baselines (magnitude, activation, refits, Torch-Pruning when "
+                                 "installed) at the final width and at every path point's width.")
+        parser.add_argument("--conv_positions", type=Optional[int], default=None,
+                            help="Output positions sampled per image for a convolution's statistics (null: all).")
         parser.add_class_arguments(FinetuneSettings, "finetune")
         parser.add_argument("--cache_dir", type=Optional[str], default=".cache/passes",
                             help="Where head inputs, layer statistics and evaluations are cached (null: no cache).")
@@ -103,7 +109,9 @@ class CompressCLI(ProjectCLI):
             trainer=TrainerSettings.from_config(config.trainer),
             cache_dir=Path(config.cache_dir) if config.cache_dir else None, checkpoint_every=config.checkpoint_every,
             debias=config.debias, logger=logger, finetune=FinetuneSettings(**dict(config.finetune)),
-            train_hparams=info.get("hparams") or {},
+            train_hparams=info.get("hparams") or {}, baselines=config.baselines,
+            conv_sampling={} if config.conv_positions is None else {"positions": config.conv_positions,
+                                                                    "seed": config.seed_everything or 0},
         )
         report = pipeline.run(list(config.layers), **self.amount(), path=config.path, path_ratios=config.path_ratios)
         report["checkpoint"] = str(config.checkpoint)

@@ -30,7 +30,7 @@ from torch import nn
 
 from lightning_modules.classifier import Classifier
 from models.checkpoints import network_from_state, read_checkpoint, save_network
-from models.profile import linear_widths
+from models.profile import layer_widths
 
 # Without the training run's hyper-parameters (a plain state dict, the authors' files).
 DEFAULT_HPARAMS: dict[str, Any] = {"optimizer": "adam", "lr": 1e-5, "momentum": 0.9, "weight_decay": 1e-4}
@@ -200,7 +200,7 @@ def finetune(
 
 def _check_still_compressed(network: nn.Module, compressed: nn.Module, network_file: Path) -> None:
     """Raise unless ``network`` has exactly the layer shapes of ``compressed`` (no neuron came back)."""
-    widths, expected = linear_widths(network), linear_widths(compressed)
+    widths, expected = layer_widths(network), layer_widths(compressed)
     shapes = {k: tuple(v.shape) for k, v in network.state_dict().items()}
     expected_shapes = {k: tuple(v.shape) for k, v in compressed.state_dict().items()}
     if widths != expected or shapes != expected_shapes:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -30,15 +30,17 @@ from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
 from callbacks.convergence import Convergence
+from compression.baselines import IMPORTANCES, equal_width_weights, torch_pruning_available, torch_pruning_network
 from compression.finetune import FinetuneSettings, finetune
+from compression.layer_problem import LayerProblem
 from compression.passes import DataPasses, head_of, tail_accuracy
 from compression.search import Candidate, LambdaSearch
 from compression.settings import Target, TrainerSettings
-from grouplasso import LassoStats, active_columns, check_lambda, debias, lambda_max, mse, objective
+from grouplasso import LassoStats, active_columns, active_groups, check_lambda, debias, lambda_max, mse, objective
 from lightning_modules.lasso import LassoCompression
 from models.checkpoints import save_network
-from models.layers import analyse_layer, resolve_layer_name
-from models.profile import count_macs, count_parameters, latency_ms, linear_widths
+from models.layers import LayerInfo, analyse_layer, layer_width, resolve_layer_name
+from models.profile import count_macs, count_parameters, latency_ms, layer_widths
 from models.surgery import remove_neurons
 
 
@@ -68,7 +70,7 @@ class Solution:
 
     def summary(self, stats: LassoStats) -> dict[str, Any]:
         return {
-            "lambda": self.lam, "active": len(active_columns(self.V)), "mse": mse(stats, self.V),
+            "lambda": self.lam, "active": len(active_groups(self.V, stats.group)), "mse": mse(stats, self.V),
             "objective": objective(stats, self.V, self.lam), "rel_gap": self.rel_gap,
             "steps": self.steps, "seconds": round(self.seconds, 3), "stop": self.reason,
         }
@@ -119,6 +121,8 @@ class CompressionPipeline:
     logger: Optional[TensorBoardLogger] = None
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     train_hparams: dict[str, Any] = field(default_factory=dict)
+    baselines: bool = False
+    conv_sampling: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_global_zero(self) -> bool:
@@ -151,9 +155,10 @@ class CompressionPipeline:
         elif target.width is not None:
             values, how = _per_layer(target.width, layers, "width"), "width"
             for layer, module, k in zip(layers, modules, values):
-                K = self.network.get_submodule(module).in_features
+                K = layer_width(self.network, module)
+                unit = "input neurons" if analyse_layer(self.network, module).group == 1 else "input channels"
                 if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= K:
-                    raise ValueError(f"target width {k!r} for {layer!r} is not possible: it has {K} input neurons; "
+                    raise ValueError(f"target width {k!r} for {layer!r} is not possible: it has {K} {unit}; "
                                      f"choose 1 to {K}")
         else:
             budget = target.max_accuracy_drop
@@ -166,7 +171,8 @@ class CompressionPipeline:
         if how in ("width", "accuracy") and self.solver == "paper_adam":
             raise ValueError("targets need a certified solver (model.solver: auto); paper_adam reproduces the paper's "
                              "absolute lambdas: give them with --lambdas")
-        head_of(self.network, modules)
+        for module in modules:  # refuses layers whose inputs are not removable neurons, with the reason
+            analyse_layer(self.network, module)
         return [LayerPlan(layer, module, how, float(v)) for layer, module, v in zip(layers, modules, values)]
 
     # --- solving ----------------------------------------------------------------------------
@@ -225,18 +231,19 @@ class CompressionPipeline:
             "(0.1 is a usual start), or a target (--target.width, --target.max_accuracy_drop)"
         )
 
-    def regularisation_path(self, network: nn.Module, stats: LassoStats, lambdas: list[float], plan: LayerPlan,
+    def regularisation_path(self, network: nn.Module, problem: LayerProblem, lambdas: list[float], plan: LayerPlan,
                             passes: DataPasses) -> list[dict[str, Any]]:
         """Solve for every lambda, largest first, each warm-started from the previous solution;
-        evaluate each on the test set from the layer's stored inputs."""
-        W = network.get_submodule(plan.module).weight.detach()
+        evaluate each on the test set from the layer's stored inputs (and the baselines at the
+        same width, when asked)."""
         inputs, labels = passes.layer_inputs(network, "test", plan.module)
-        top, rows, V0 = lambda_max(stats), [], None
+        stats, top, rows, V0 = problem.stats, lambda_max(problem.stats), [], None
         for lam in sorted(lambdas, reverse=True):
-            solution = self.solve(stats, lam, W, plan.layer, tag=f"{plan.layer}-lam{lam:.9g}", V0=V0)
+            solution = self.solve(stats, lam, problem.W, plan.layer, tag=f"{plan.layer}-lam{lam:.9g}", V0=V0)
             V0 = solution.V
-            accuracy = tail_accuracy(network, passes.head, plan.module, inputs, labels, self._final(stats, solution.V))
-            rows.append({**solution.summary(stats), "ratio": lam / top, "test_accuracy": accuracy})
+            accuracy = tail_accuracy(network, plan.module, inputs, labels, problem.weight(self._final(stats, solution.V)),
+                                     problem.layer_group)
+            rows.append({**solution.summary(stats), "ratio": lam / top, "test_accuracy": accuracy, "V": solution.V})
         return rows
 
     def _final(self, stats: LassoStats, V: Tensor) -> Tensor:
@@ -244,30 +251,41 @@ class CompressionPipeline:
         return debias(stats, V) if self.debias else V
 
     # --- 2. one layer ------------------------------------------------------------------------
+    def layer_problem(self, network: nn.Module, module: str, passes: DataPasses) -> tuple[LayerInfo, LayerProblem, float]:
+        """The layer's analysis, its problem on the training split's statistics (grouped by the
+        layer's input neurons or channels, folded where inputs repeat), and the seconds the
+        statistics took (0 from the cache)."""
+        info = analyse_layer(network, module)
+        train, seconds = passes.evaluate(network, "train", module)
+        weight = network.get_submodule(module).weight.detach()
+        problem = LayerProblem.of(replace(train.stats, group=info.group), weight.reshape(weight.shape[0], -1))
+        return info, problem, seconds
+
     def compress_layer(self, network: nn.Module, plan: LayerPlan, passes: DataPasses, reference: dict[str, Any],
                        path: Optional[list[float]], path_ratios: Optional[list[float]]) -> tuple[nn.Module, dict]:
         """Statistics, lambda, solve, surgery for one layer; returns the smaller network and the report entry."""
-        info = analyse_layer(network, plan.module)
-        train, stats_seconds = passes.evaluate(network, "train", plan.module)
-        stats = train.stats
+        info, problem, stats_seconds = self.layer_problem(network, plan.module, passes)
+        stats = problem.stats
         top = lambda_max(stats)
-        W = network.get_submodule(plan.module).weight.detach()
-        entry: dict[str, Any] = {"layer": plan.layer, "module": plan.module, "lambda_max": top, "width_before": stats.K,
+        entry: dict[str, Any] = {"layer": plan.layer, "module": plan.module, "kind": info.kind,
+                                 **problem.describe(), "lambda_max": top, "width_before": problem.groups,
                                  "stats_seconds": round(stats_seconds, 2), "samples": stats.n, "chosen_by": plan.how,
                                  "debiased": self.debias}
+        if info.kind == "conv" and passes.conv_sampling:
+            entry["conv_sampling"] = dict(passes.conv_sampling)
         rows = None
         if path or path_ratios:
             lambdas = path or [check_ratio(r, "path ratio") * top for r in path_ratios]
-            rows = self.regularisation_path(network, stats, lambdas, plan, passes)
+            rows = self.regularisation_path(network, problem, lambdas, plan, passes)
         solution: Optional[Solution] = None
         if plan.how in ("lambda", "ratio"):
             lam = plan.value if plan.how == "lambda" else plan.value * top
             self._check_below_lambda_max(lam, top, plan.layer)
-            solution = self.solve(stats, lam, W, plan.layer, tag=f"{plan.layer}-lam{lam:.9g}")
+            solution = self.solve(stats, lam, problem.W, plan.layer, tag=f"{plan.layer}-lam{lam:.9g}")
             V = solution.V
         else:
-            found = self._search(network, stats, W, plan, passes, reference, entry)
-            V = W.to(torch.float64) if found is None else found.V
+            found = self._search(network, problem, plan, passes, reference, entry)
+            V = problem.W.to(torch.float64) if found is None else found.V
             if found is not None:
                 solution = Solution(V=found.V, lam=found.lam, rel_gap=found.rel_gap, steps=0, seconds=found.seconds,
                                     reason=f"searched: {found.resolved} ({len(entry['candidates'])} candidates)")
@@ -275,41 +293,80 @@ class CompressionPipeline:
             entry.update(solution.summary(stats))
             entry["ratio"] = solution.lam / top
         else:  # the budget is missed even at full width: the layer stays as it is
-            entry.update({"lambda": 0.0, "ratio": 0.0, "active": stats.K, "mse": mse(stats, V),
+            entry.update({"lambda": 0.0, "ratio": 0.0, "active": problem.groups, "mse": mse(stats, V),
                           "objective": mse(stats, V), "rel_gap": 0.0, "steps": 0, "seconds": 0.0,
                           "stop": "kept at full width: no candidate met the accuracy budget"})
         if rows is not None:
             entry["path"] = rows
         if self.solver == "paper_adam" and solution is not None:
-            entry["certified_same_width"] = self._certified_at_width(stats, W, plan, entry["active"])
+            entry["certified_same_width"] = self._certified_at_width(problem, plan, entry["active"])
+        if self.baselines and solution is not None:
+            widths = sorted({r["active"] for r in rows or []} | {entry["active"]}, reverse=True)
+            entry["baselines"] = self.compare_baselines(network, info, problem, plan, passes, widths,
+                                                        {entry["active"]: V, **{r["active"]: r.pop("V") for r in rows or []}})
+        for r in rows or []:
+            r.pop("V", None)
         V = self._final(stats, V) if solution is not None else V
-        entry["kept_indices"] = active_columns(V).tolist()  # the neurons kept, numbered as before this layer
+        # the neurons (or channels) kept, numbered as before this layer
+        entry["kept_indices"] = active_groups(V, problem.group).tolist()
         entry["width_after"] = len(entry["kept_indices"])
         if self.debias:
             entry["mse_debiased"] = mse(stats, V)
-        return remove_neurons(network, info, V).eval(), entry
+        return remove_neurons(network, info, problem.weight(V)).eval(), entry
 
-    def _searcher(self, stats: LassoStats, W: Tensor, plan: LayerPlan, evaluate: Optional[Callable[[Tensor], float]],
+    def compare_baselines(self, network: nn.Module, info: LayerInfo, problem: LayerProblem, plan: LayerPlan,
+                          passes: DataPasses, widths: list[int], lasso: dict[int, Tensor]) -> list[dict[str, Any]]:
+        """Every baseline of ``compression.baselines`` at each width (with the lasso solution of
+        that width): test accuracy and train MSE of the layer, one row per method and width."""
+        inputs, labels = passes.layer_inputs(network, "test", plan.module)
+        shape = tuple(self.datamodule.test_set[0][0].shape)
+        rows = []
+        for k in widths:
+            if k == 0:
+                continue
+            for method, V in equal_width_weights(problem.stats, problem.W, k, lasso.get(k)).items():
+                rows.append({"method": method, "width": k, "kept": problem.width(V),
+                             "test_accuracy": tail_accuracy(network, plan.module, inputs, labels, problem.weight(V),
+                                                            problem.layer_group),
+                             "train_mse": mse(problem.stats, V)})
+            for importance in IMPORTANCES if torch_pruning_available() else ():
+                pruned, kept = torch_pruning_network(network, info, k, importance, example_inputs=torch.zeros(1, *shape),
+                                                     loss_batches=self._loss_batches())
+                rows.append({"method": f"torch_pruning_{importance}", "width": k, "kept": kept,
+                             "test_accuracy": passes.evaluate(pruned.eval(), "test")[0].accuracy})
+        return rows
+
+    def _loss_batches(self, count: int = 4) -> list:
+        """A few training batches (gradient-based importances need a loss)."""
+        batches = []
+        for batch in self.datamodule.train_eval_dataloader():
+            batches.append(batch)
+            if len(batches) == count:
+                break
+        return batches
+
+    def _searcher(self, problem: LayerProblem, plan: LayerPlan, evaluate: Optional[Callable[[Tensor], float]],
                   **module_overrides: Any) -> LambdaSearch:
         def solve(lam: float, V0: Optional[Tensor]) -> tuple[Tensor, float]:
-            solution = self.solve(stats, lam, W, plan.layer, tag=f"{plan.layer}-search-lam{lam:.9g}", V0=V0,
-                                  **module_overrides)
+            solution = self.solve(problem.stats, lam, problem.W, plan.layer, tag=f"{plan.layer}-search-lam{lam:.9g}",
+                                  V0=V0, **module_overrides)
             return solution.V, solution.rel_gap
 
-        return LambdaSearch(solve, lambda_max(stats), evaluate, on_candidate=partial(self._log_candidate, plan.layer))
+        return LambdaSearch(solve, lambda_max(problem.stats), evaluate, group=problem.group,
+                            on_candidate=partial(self._log_candidate, plan.layer))
 
-    def _search(self, network: nn.Module, stats: LassoStats, W: Tensor, plan: LayerPlan, passes: DataPasses,
+    def _search(self, network: nn.Module, problem: LayerProblem, plan: LayerPlan, passes: DataPasses,
                 reference: dict[str, Any], entry: dict[str, Any]) -> Optional[Candidate]:
         """The candidate that meets the layer's target (None: an accuracy floor missed at every width)."""
         if plan.how == "width":
-            search = self._searcher(stats, W, plan, None)
+            search = self._searcher(problem, plan, None)
             found = search.at_width(int(plan.value))
         else:
             inputs, labels = passes.layer_inputs(network, "val", plan.module)
             floor = reference["val_accuracy"] - plan.value / 100
             entry["val_accuracy_floor"] = floor
-            search = self._searcher(stats, W, plan, lambda V: tail_accuracy(
-                network, passes.head, plan.module, inputs, labels, self._final(stats, V)))
+            search = self._searcher(problem, plan, lambda V: tail_accuracy(
+                network, plan.module, inputs, labels, problem.weight(self._final(problem.stats, V)), problem.layer_group))
             found = search.at_accuracy(floor)
             if found is None:
                 rank_zero_warn(f"{plan.layer!r}: no width down to lambda = {search.min_ratio:g} * lambda_max keeps "
@@ -318,11 +375,12 @@ class CompressionPipeline:
         entry["candidates"] = [c.row() for c in search.candidates]
         return found
 
-    def _certified_at_width(self, stats: LassoStats, W: Tensor, plan: LayerPlan, width: int) -> dict[str, Any]:
+    def _certified_at_width(self, problem: LayerProblem, plan: LayerPlan, width: int) -> dict[str, Any]:
         """The certified optimum (working-set solver) at the lambda that keeps ``width`` neurons."""
         if width == 0:
             return {"width": 0, "note": "the paper's procedure kept no neuron"}
-        found = self._searcher(stats, W, plan, None, solver="auto", init="auto").at_width(width)
+        found = self._searcher(problem, plan, None, solver="auto", init="auto").at_width(width)
+        stats = problem.stats
         return {"lambda": found.lam, "ratio": found.ratio, "width": found.width, "mse": mse(stats, found.V),
                 "objective": objective(stats, found.V, found.lam), "rel_gap": found.rel_gap, "resolved": found.resolved}
 
@@ -347,7 +405,7 @@ class CompressionPipeline:
         if with_val:
             out["val_accuracy"] = passes.evaluate(network, "val")[0].accuracy
         return {**out, "parameters": count_parameters(network), "macs": count_macs(network, shape),
-                "latency_ms": latency_ms(network, shape, batch_size=1), "widths": linear_widths(network)}
+                "latency_ms": latency_ms(network, shape, batch_size=1), "widths": layer_widths(network)}
 
     def finish(self, network: nn.Module, report: dict[str, Any], passes: DataPasses, with_val: bool) -> dict[str, Any]:
         """Save the network, fine-tune it if asked, and complete the report."""
@@ -382,14 +440,29 @@ class CompressionPipeline:
         self.datamodule.prepare_data()
         self.datamodule.setup("fit")
         network = self.network.eval()
-        passes = DataPasses(self.datamodule, head_of(network, [p.module for p in plans]), self.trainer,
-                            self.cache_dir, self.run_dir, batch_size=self.datamodule.hparams.batch_size)
+        heads: dict[str, DataPasses] = {}
+
+        def passes_for(module: str) -> DataPasses:
+            """The passes of the layer's head; layers with the same head share stored inputs."""
+            head = head_of(network, module)
+            if head not in heads:
+                heads[head] = DataPasses(self.datamodule, head, self.trainer, self.cache_dir, self.run_dir,
+                                         batch_size=self.datamodule.hparams.batch_size, conv_sampling=self.conv_sampling)
+            return heads[head]
+
         with_val = any(p.how == "accuracy" for p in plans)
-        report: dict[str, Any] = {"before": self.profile(network, passes, with_val, plans[0].module), "layers": []}
+        first = passes_for(plans[0].module)
+        report: dict[str, Any] = {"before": self.profile(network, first, with_val, plans[0].module), "layers": []}
         for plan in plans:
-            network, entry = self.compress_layer(network, plan, passes, report["before"], path, path_ratios)
+            network, entry = self.compress_layer(network, plan, passes_for(plan.module), report["before"], path,
+                                                 path_ratios)
             report["layers"].append(entry)
         report["paths"] = {e["layer"]: e.pop("path") for e in report["layers"] if "path" in e}
-        report = self.finish(network, report, passes, with_val)
-        report["passes_seconds"] = {k: round(v, 1) for k, v in passes.seconds.items()}
+        report["baselines"] = {e["layer"]: e.pop("baselines") for e in report["layers"] if "baselines" in e}
+        report = self.finish(network, report, passes_for(plans[-1].module), with_val)
+        seconds: dict[str, float] = {}
+        for passes in heads.values():
+            for split, value in passes.seconds.items():
+                seconds[split] = round(seconds.get(split, 0.0) + value, 1)
+        report["passes_seconds"] = seconds
         return report

@@ -65,23 +65,53 @@ def format_report(report: dict[str, Any]) -> str:
         for r in rows:
             lines.append(f"{r['lambda']:10.3g}{r['active']:8d}{r['mse']:11.3e}{100 * r['test_accuracy']:9.2f}%"
                          f"{r['rel_gap']:10.1e}{r['steps']:7d}{r['seconds']:7.1f}")
+    for layer, rows in report.get("baselines", {}).items():
+        lines.append("")
+        lines += format_baselines(layer, rows)
     return "\n".join(lines)
 
 
-def plot_path(layer: str, rows: list[dict[str, Any]]) -> Figure:
-    """Width against test accuracy and against MSE along a regularisation path, points labelled by lambda."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    widths = [r["active"] for r in rows]
-    for ax, key, label in ((axes[0], "test_accuracy", "test accuracy (%)"), (axes[1], "mse", "MSE of the layer's outputs")):
-        values = [100 * r[key] if key == "test_accuracy" else r[key] for r in rows]
-        ax.plot(widths, values, "o-")
-        for w, v, r in zip(widths, values, rows):
-            ax.annotate(f"λ={r['lambda']:g}", (w, v), textcoords="offset points", xytext=(4, 4), fontsize=8)
+def format_baselines(layer: str, rows: list[dict[str, Any]]) -> list[str]:
+    """Test accuracy of every method (columns) at every width (rows), no fine-tuning."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [f"baselines at equal width for {layer} (test accuracy, no fine-tuning; * = best):",
+             f"{'width':>7s}" + "".join(f"{m[:15]:>16s}" for m in methods)]
+    for width in sorted({r["width"] for r in rows}, reverse=True):
+        cells = {r["method"]: r["test_accuracy"] for r in rows if r["width"] == width}
+        best = max(cells.values())
+        lines.append(f"{width:7d}" + "".join(
+            f"{100 * cells[m]:14.2f}%{'*' if cells[m] == best else ' '}" if m in cells else f"{'':16s}"
+            for m in methods))
+    return lines
+
+
+def plot_path(layer: str, rows: list[dict[str, Any]], baselines: Optional[list[dict[str, Any]]] = None) -> Figure:
+    """Width against test accuracy and against the layer's train MSE: the regularisation path
+    (points labelled by lambda) and, when given, one line per baseline at the same widths."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    lines = {"lasso path": [(r["active"], r["test_accuracy"], r["mse"]) for r in rows]}
+    for r in baselines or []:
+        if r["method"] != "lasso":  # the path's own points
+            lines.setdefault(r["method"], []).append((r["width"], r["test_accuracy"], r.get("train_mse")))
+    for name, points in lines.items():
+        points = sorted(points)
+        style = {"linewidth": 2.5} if name == "lasso path" else {"linewidth": 1, "alpha": 0.85}
+        axes[0].plot([w for w, _, _ in points], [100 * a for _, a, _ in points], "o-", label=name, **style)
+        if all(m is not None for _, _, m in points):
+            axes[1].plot([w for w, _, _ in points], [m for _, _, m in points], "o-", label=name, **style)
+    for r in rows:
+        axes[0].annotate(f"λ={r['lambda']:.2g}", (r["active"], 100 * r["test_accuracy"]), textcoords="offset points",
+                         xytext=(4, 4), fontsize=7)
+    for ax, label in ((axes[0], "test accuracy (%)"), (axes[1], "train MSE of the layer's outputs")):
         ax.set_xlabel(f"neurons kept (width into {layer})")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+        if max((r["active"] for r in rows), default=0) > 64:
+            ax.set_xscale("log", base=2)
     axes[1].set_yscale("log")
-    fig.suptitle(f"Regularisation path: {layer}")
+    if baselines:
+        axes[0].legend(fontsize=8)
+    fig.suptitle(f"Regularisation path: {layer}" + (" against the baselines at equal width" if baselines else ""))
     fig.tight_layout()
     return fig
 
@@ -94,7 +124,7 @@ def write_report(report: dict[str, Any], run_dir: Path, extra_path: Optional[str
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(report, indent=2))
     for layer, rows in report.get("paths", {}).items():
-        fig = plot_path(layer, rows)
+        fig = plot_path(layer, rows, report.get("baselines", {}).get(layer))
         fig.savefig(run_dir / f"path-{layer}.png", dpi=120)
         written.append(run_dir / f"path-{layer}.png")
         if logger is not None:

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from grouplasso import active_columns, group_norms
+from grouplasso import active_groups, group_norms
 
 
 @dataclass
@@ -58,20 +58,22 @@ class LambdaSearch:
         lam_max: the layer's lambda_max (V = 0 from there up).
         evaluate: validation accuracy of the network with the layer's weight V (accuracy targets).
         on_candidate: called with every candidate (logging).
+        group: the problem's group size; widths count groups (neurons or channels).
         min_ratio: the path stops at ``min_ratio * lam_max``.
     """
 
     def __init__(self, solve: Callable[[float, Optional[Tensor]], tuple[Tensor, float]], lam_max: float,
                  evaluate: Optional[Callable[[Tensor], float]] = None,
-                 on_candidate: Optional[Callable[[Candidate], None]] = None, min_ratio: float = 1e-6) -> None:
-        self._solve, self.lam_max, self._evaluate = solve, lam_max, evaluate
+                 on_candidate: Optional[Callable[[Candidate], None]] = None, min_ratio: float = 1e-6,
+                 group: int = 1) -> None:
+        self._solve, self.lam_max, self._evaluate, self.group = solve, lam_max, evaluate, group
         self._on_candidate, self.min_ratio = on_candidate, min_ratio
         self.candidates: list[Candidate] = []
 
     def candidate(self, lam: float, start: Optional[Candidate] = None) -> Candidate:
         began = time.perf_counter()
         V, rel_gap = self._solve(lam, None if start is None else start.V)
-        found = Candidate(lam=lam, ratio=lam / self.lam_max, width=len(active_columns(V)), rel_gap=rel_gap,
+        found = Candidate(lam=lam, ratio=lam / self.lam_max, width=len(active_groups(V, self.group)), rel_gap=rel_gap,
                           seconds=time.perf_counter() - began, V=V)
         if self._evaluate is not None:
             found.val_accuracy = self._evaluate(V)
@@ -80,7 +82,7 @@ class LambdaSearch:
             self._on_candidate(found)
         return found
 
-    def _walk(self, passed: Callable[[Candidate], bool]) -> tuple[Optional[Candidate], Optional[Candidate]]:
+    def walk(self, passed: Callable[[Candidate], bool]) -> tuple[Optional[Candidate], Optional[Candidate]]:
         """Halve lambda from lam_max / 2 until ``passed``; returns (last not passed, first passed)."""
         previous: Optional[Candidate] = None
         lam = self.lam_max / 2
@@ -92,8 +94,8 @@ class LambdaSearch:
         return previous, None
 
     def at_width(self, k: int) -> Candidate:
-        """The certified solution with exactly ``k`` nonzero columns (see the module doc)."""
-        above, below = self._walk(lambda c: c.width >= k)
+        """The certified solution with exactly ``k`` nonzero groups (see the module doc)."""
+        above, below = self.walk(lambda c: c.width >= k)
         if below is None:
             widest = max((c.width for c in self.candidates), default=0)
             raise ValueError(f"no lambda down to {self.min_ratio:g} * lambda_max keeps {k} neurons (at most {widest}: "
@@ -104,9 +106,9 @@ class LambdaSearch:
             else:
                 hi_lam = above.lam
             if hi_lam / below.lam < 1 + 1e-9:
-                keep = torch.topk(group_norms(below.V), k).indices
-                V = torch.zeros_like(below.V)
-                V[:, keep] = below.V[:, keep]
+                keep = torch.topk(group_norms(below.V, self.group), k).indices
+                V = (below.V.reshape(below.V.shape[0], -1, self.group) * _indicator(keep, below.V, self.group)
+                     ).reshape(below.V.shape)
                 return Candidate(lam=below.lam, ratio=below.ratio, width=k, rel_gap=math.nan, seconds=0.0,
                                  resolved=f"truncated from {below.width}", V=V)
             middle = self.candidate(math.sqrt(hi_lam * below.lam), above)
@@ -121,7 +123,7 @@ class LambdaSearch:
         (None when none down to ``min_ratio`` is)."""
         assert self._evaluate is not None, "an accuracy target needs an evaluation"
         meets = lambda c: c.val_accuracy >= floor  # noqa: E731
-        above, below = self._walk(meets)
+        above, below = self.walk(meets)
         if below is None:
             return None
         for _ in range(refine):
@@ -133,3 +135,10 @@ class LambdaSearch:
             else:
                 above = middle
         return min((c for c in self.candidates if meets(c)), key=lambda c: (c.width, -c.val_accuracy))
+
+
+def _indicator(groups: Tensor, V: Tensor, group: int) -> Tensor:
+    """(1, K/g, 1) ones at ``groups``, zeros elsewhere: keeps those groups of V (D, K/g, g)."""
+    mask = torch.zeros(1, V.shape[1] // group, 1, dtype=V.dtype, device=V.device)
+    mask[0, groups.to(V.device), 0] = 1
+    return mask

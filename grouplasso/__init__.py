@@ -1,16 +1,22 @@
 """The multi-task (group) lasso: the one place where its math lives.
 
-Everything that thresholds columns, accumulates statistics, evaluates the objective,
-certifies a solution or solves the problem calls into this package:
-``prox`` (the group soft-threshold, active columns), ``stats`` (G, C, s), ``problem``
-(MSE, F, gradient, lambda_max, duality gap, debiasing), ``solvers`` (FISTA, the paper's
-Adam procedure) and ``working_set`` (the default solver).
+    min_V  MSE(V) + lam * sum_c ||V[:, group c]||_F,   group c = columns c*g .. (c+1)*g - 1,
+
+with g = ``LassoStats.group``: 1 for a Linear layer (a group is a column, one neuron), kh*kw
+for a convolution (a group is one input channel). Everything that thresholds groups,
+accumulates statistics, evaluates the objective, certifies a solution or solves the problem
+calls into this package: ``prox`` (the group soft-threshold, group norms, active groups and
+their columns), ``stats`` (G, C, s and g), ``problem`` (MSE, F, gradient, lambda_max, duality
+gap, debiasing), ``solvers`` (FISTA, block coordinate descent over the groups, the paper's
+Adam procedure), ``working_set`` (the default solver) and ``folding`` (groups of one repeated
+input folded to one column each).
 """
 from grouplasso.problem import (
     DualityGap, check_lambda, debias, duality_gap, gradient, group_norm, lambda_max, lipschitz, mse, objective, residual_energy,
 )
-from grouplasso.prox import active_columns, group_norms, group_soft_threshold
-from grouplasso.solvers import FISTA, PaperAdam, Solver
+from grouplasso.folding import Folding, fold_repeated_groups
+from grouplasso.prox import active_columns, active_groups, group_columns, group_norms, group_soft_threshold
+from grouplasso.solvers import BCD, FISTA, PaperAdam, Solver
 from grouplasso.stats import LassoStats, StatsAccumulator
 from grouplasso.working_set import WorkingSet
 
@@ -20,12 +26,13 @@ SOLVERS: dict[str, type[Solver]] = {
     "auto": WorkingSet,
     "working_set": WorkingSet,
     "fista": FISTA,
+    "bcd": BCD,
     "paper_adam": PaperAdam,
 }
 
 __all__ = [
-    "SOLVERS", "DualityGap", "active_columns", "check_lambda", "FISTA", "LassoStats", "PaperAdam", "Solver", "StatsAccumulator", "WorkingSet",
-    "debias", "duality_gap", "gradient", "group_norm", "group_norms", "group_soft_threshold", "lambda_max", "lipschitz",
+    "SOLVERS", "BCD", "DualityGap", "Folding", "active_columns", "active_groups", "check_lambda", "FISTA", "LassoStats", "PaperAdam", "Solver", "StatsAccumulator", "WorkingSet",
+    "debias", "duality_gap", "fold_repeated_groups", "gradient", "group_columns", "group_norm", "group_norms", "group_soft_threshold", "lambda_max", "lipschitz",
     "mse",
     "objective", "residual_energy",
 ]

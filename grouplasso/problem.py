@@ -3,15 +3,20 @@
 With the statistics (G, C, s) of ``grouplasso.stats`` and V (D, K):
 
     MSE(V)  = (s - 2 <V, C> + <V G, V>) / D            (mean over samples and the D outputs)
-    F(V)    = MSE(V) + lam * sum_k ||V[:, k]||_2
+    F(V)    = MSE(V) + lam * sum_c ||V[:, group c]||_F
     grad    = 2 (V G - C) / D,       Lipschitz constant L = 2 lambda_max(G) / D
 
+Group c is the ``stats.group`` = g consecutive columns c*g .. (c+1)*g - 1 (g = 1: one column,
+a neuron; g = kh*kw: one input channel of a convolution). Every formula below reads "column"
+as "group" and the column norm as the group's Frobenius norm; every function reads g from
+``stats.group``.
+
 Duality gap. Multiplying F by D/2 gives scikit-learn's MultiTaskLasso form
-P(V) = (1/2n) ||Y - b - X V^T||^2 + alpha sum_k ||v_k||, alpha = lam D / 2, whose dual is
+P(V) = (1/2n) ||Y - b - X V^T||^2 + alpha sum_c ||V[:, group c]||_F, alpha = lam D / 2, whose dual is
 
-    max_theta <theta, Y - b> - (n/2) ||theta||^2   s.t.  ||X[:, k]^T theta|| <= alpha for every k.
+    max_theta <theta, Y - b> - (n/2) ||theta||^2   s.t.  ||X[:, group c]^T theta||_F <= alpha for every c.
 
-The residual scaled by c, theta = c R / n, is feasible for |c| <= alpha / max_k ||Gamma[:, k]||
+The residual scaled by c, theta = c R / n, is feasible for |c| <= alpha / max_c ||Gamma[:, group c]||_F
 with Gamma = C - V G = (1/n) R^T X, and its dual value c * (s - <V, C>) - c^2 rho / 2, rho =
 n^{-1} ||R||^2 = D * MSE(V), is maximised over c in closed form. The gap F(V) - dual >= F(V) - F*
 certifies how far V is from optimal; at the optimum it is zero.
@@ -29,9 +34,9 @@ from grouplasso.stats import LassoStats
 
 
 def times_gram(stats: LassoStats, V: Tensor) -> Tensor:
-    """V G (D, K), reading only the rows of G of V's nonzero columns: solutions are sparse,
+    """V G (D, K), reading only the rows of G of V's nonzero groups: solutions are sparse,
     and this product is the cost of every gradient and certificate."""
-    active = active_columns(V)
+    active = active_columns(V, stats.group)
     if 2 * len(active) >= stats.K:
         return V @ stats.G
     return V[:, active] @ stats.G[active]
@@ -48,14 +53,14 @@ def mse(stats: LassoStats, V: Tensor) -> float:
     return float(residual_energy(stats, V)) / stats.D
 
 
-def group_norm(V: Tensor) -> float:
-    """The penalty without lam: sum_k ||V[:, k]||_2."""
-    return float(group_norms(V).sum())
+def group_norm(V: Tensor, group: int = 1) -> float:
+    """The penalty without lam: sum_c ||V[:, group c]||_F (groups of ``group`` columns)."""
+    return float(group_norms(V, group).sum())
 
 
 def objective(stats: LassoStats, V: Tensor, lam: float) -> float:
-    """F(V) = MSE(V) + lam * sum_k ||V[:, k]||_2."""
-    return mse(stats, V) + lam * group_norm(V)
+    """F(V) = MSE(V) + lam * sum_c ||V[:, group c]||_F."""
+    return mse(stats, V) + lam * group_norm(V, stats.group)
 
 
 def gradient(stats: LassoStats, V: Tensor) -> Tensor:
@@ -91,9 +96,10 @@ def check_lambda(lam: float) -> float:
 
 
 def lambda_max(stats: LassoStats) -> float:
-    """The smallest lam for which V = 0 is optimal: (2/D) max_k ||C[:, k]||. Every useful
-    lambda lies below it."""
-    return 2.0 / stats.D * float(group_norms(stats.C).max()) if stats.K else 0.0
+    """The smallest lam for which V = 0 is optimal: (2/D) max_c ||C[:, group c]||_F (the gradient
+    at V = 0 is -2C/D, and 0 is optimal iff every group of it lies in the ball of radius lam).
+    Every useful lambda lies below it."""
+    return 2.0 / stats.D * float(group_norms(stats.C, stats.group).max()) if stats.K else 0.0
 
 
 def lipschitz(stats: LassoStats) -> float:
@@ -104,8 +110,8 @@ def lipschitz(stats: LassoStats) -> float:
 @dataclass(frozen=True)
 class DualityGap:
     """Primal F(V), the dual value of a feasible dual point, their gap and the gap relative
-    to F(V); ``scores`` (K,) = ||Gamma[:, k]|| / alpha, the dual constraint of every column
-    (at the optimum: 1 for a nonzero column, at most 1 for a zero one)."""
+    to F(V); ``scores`` (K / g,) = ||Gamma[:, group c]||_F / alpha, the dual constraint of every
+    group (at the optimum: 1 for a nonzero group, at most 1 for a zero one)."""
 
     primal: float
     dual: float
@@ -122,13 +128,13 @@ def duality_gap(stats: LassoStats, V: Tensor, lam: float) -> DualityGap:
     rho = stats.s - 2.0 * VC + float(torch.sum(VG * V))  # residual_energy, sharing V G
     ry = stats.s - VC  # (1/n) <R, Y - b>
     alpha = lam * stats.D / 2.0
-    scores = group_norms(stats.C - VG) / alpha
+    scores = group_norms(stats.C - VG, stats.group) / alpha
     worst = float(scores.max()) if stats.K else 0.0
     c_max = 1.0 / worst if worst > 0 else math.inf
     c = ry / rho if rho > 0 else c_max
     c = max(-c_max, min(c_max, c))
     dual_p = c * ry - 0.5 * c * c * rho if math.isfinite(c) else 0.0
-    primal_p = 0.5 * rho + alpha * group_norm(V)
+    primal_p = 0.5 * rho + alpha * group_norm(V, stats.group)
     scale = 2.0 / stats.D  # back to the units of F
     primal, dual = primal_p * scale, dual_p * scale
     gap = max(primal - dual, 0.0)
@@ -136,9 +142,9 @@ def duality_gap(stats: LassoStats, V: Tensor, lam: float) -> DualityGap:
 
 
 def debias(stats: LassoStats, V: Tensor, rcond: float = 1e-10) -> Tensor:
-    """Refit the nonzero columns S of V by least squares without penalty: V_S G_SS = C_S
-    (minimum-norm solution where G_SS is singular); the zero columns stay zero."""
-    keep = active_columns(V).to(stats.G.device)
+    """Refit the columns S of V's nonzero groups by least squares without penalty: V_S G_SS = C_S
+    (minimum-norm solution where G_SS is singular); the zero groups stay zero."""
+    keep = active_columns(V, stats.group).to(stats.G.device)
     out = torch.zeros_like(V, dtype=stats.G.dtype, device=stats.G.device)
     if len(keep):
         sub = stats.restrict(keep)

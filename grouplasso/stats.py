@@ -20,15 +20,21 @@ import torch
 from scipy.linalg.blas import dsyrk
 from torch import Tensor
 
+from grouplasso.prox import group_columns
+
 
 @dataclass
 class LassoStats:
-    """(G, C, s) of one layer over ``n`` samples; see the module doc. Tensors are float64."""
+    """(G, C, s) of one layer over ``n`` samples; see the module doc. Tensors are float64.
+
+    ``group``: the penalty's group size g. Columns c*g .. (c+1)*g - 1 form group c (one input
+    channel of a convolution, its kh*kw patch entries); g = 1 is one column per neuron."""
 
     G: Tensor
     C: Tensor
     s: float
     n: int
+    group: int = 1
 
     @property
     def D(self) -> int:
@@ -43,16 +49,47 @@ class LassoStats:
         return self.G.device
 
     def to(self, device: torch.device | str) -> "LassoStats":
-        return LassoStats(self.G.to(device), self.C.to(device), self.s, self.n)
+        return LassoStats(self.G.to(device), self.C.to(device), self.s, self.n, self.group)
+
+    def __post_init__(self) -> None:
+        if self.group < 1 or self.K % self.group:
+            raise ValueError(f"group size {self.group} does not divide the {self.K} columns")
+
+    @property
+    def groups(self) -> int:
+        """The number of groups, K / group (the number of neurons when group = 1)."""
+        return self.K // self.group
 
     def restrict(self, columns: Tensor) -> "LassoStats":
-        """The statistics of the problem on the inputs ``columns`` only (the others fixed at zero)."""
-        return LassoStats(self.G[columns][:, columns], self.C[:, columns], self.s, self.n)
+        """The statistics of the problem on the inputs ``columns`` only (the others fixed at zero).
+
+        With group g > 1 the result keeps g, so ``columns`` must be whole groups, each group's g
+        columns consecutive and in order (``grouplasso.prox.group_columns`` of some groups, e.g.
+        ``active_columns(V, g)``); anything else is refused."""
+        if self.group > 1:
+            columns = torch.as_tensor(columns, device=self.G.device)
+            if columns.dtype == torch.bool:
+                columns = torch.nonzero(columns).flatten()
+            whole = columns.ndim == 1 and columns.numel() % self.group == 0
+            if whole:
+                blocks = columns.reshape(-1, self.group)
+                starts = blocks[:, :1]
+                whole = torch.equal(blocks, starts + torch.arange(self.group, device=columns.device)) \
+                    and not bool((starts % self.group).any())
+            if not whole:
+                raise ValueError(f"restrict: with group size {self.group} the columns must be whole groups "
+                                 f"(c*{self.group} .. c*{self.group}+{self.group - 1}, in this order); use restrict_groups")
+        return LassoStats(self.G[columns][:, columns], self.C[:, columns], self.s, self.n, self.group)
+
+    def restrict_groups(self, groups: Tensor) -> "LassoStats":
+        """The statistics of the problem on the groups ``groups`` (indices) only."""
+        groups = torch.as_tensor(groups, device=self.G.device)
+        return self.restrict(group_columns(groups, self.group))
 
     @classmethod
-    def from_features(cls, X: Tensor, Y: Tensor, bias: Optional[Tensor] = None) -> "LassoStats":
+    def from_features(cls, X: Tensor, Y: Tensor, bias: Optional[Tensor] = None, group: int = 1) -> "LassoStats":
         """All at once from inputs ``X`` (n, K) and outputs ``Y`` (n, D)."""
-        acc = StatsAccumulator(X.shape[1], Y.shape[1], bias=bias, device=X.device)
+        acc = StatsAccumulator(X.shape[1], Y.shape[1], bias=bias, device=X.device, group=group)
         acc.update(X, Y)
         return acc.finalize()
 
@@ -64,8 +101,11 @@ class StatsAccumulator:
     parallelism every rank accumulates its own shard and ``all_reduce`` sums them.
     """
 
-    def __init__(self, K: int, D: int, bias: Optional[Tensor] = None, device: torch.device | str = "cpu") -> None:
-        self.K, self.D = K, D
+    def __init__(self, K: int, D: int, bias: Optional[Tensor] = None, device: torch.device | str = "cpu",
+                 group: int = 1) -> None:
+        if group < 1 or K % group:
+            raise ValueError(f"group size {group} does not divide the {K} columns")
+        self.K, self.D, self.group = K, D, group
         self.bias = None if bias is None else bias.detach().to(device=device, dtype=torch.float64)
         self.G = torch.zeros(K, K, dtype=torch.float64, device=device)
         self.C = torch.zeros(D, K, dtype=torch.float64, device=device)
@@ -116,4 +156,4 @@ class StatsAccumulator:
             G = (torch.triu(self.G) + torch.triu(self.G, 1).T) / n
         else:  # symmetric in exact arithmetic; solvers rely on it exactly
             G = (self.G + self.G.T) / (2 * n)
-        return LassoStats(G=G, C=self.C / n, s=float(self.s) / n, n=n)
+        return LassoStats(G=G, C=self.C / n, s=float(self.s) / n, n=n, group=self.group)

@@ -8,11 +8,20 @@ zero early by the dual: at the optimum every zero column k has score
 skglm we therefore solve a sequence of small problems on a *working set* W (the nonzero
 columns plus the columns that violate the dual constraint most, twice as many as are
 nonzero), each to a gap of ``inner_ratio`` times the current full gap, and grow W until
-the full problem's gap certifies the solution. Unlike them we work on (G, C, s), so a
-working-set iteration costs D |W|^2, independent of the number of samples, and the
-inner solver is the same vectorised FISTA (``grouplasso.solvers.FISTA``) on
-``stats.restrict(W)``: one matrix product and one group soft-threshold per iteration,
-equally at home on a GPU.
+the full problem's gap certifies the solution. With groups of g = ``stats.group`` columns
+everything above is counted in groups: the scores are per group, W holds whole groups (its
+columns are those groups' columns, in group order) and the subproblem keeps the group size;
+only the test D > 2 |W| for the span reduction below counts columns. Unlike them we work on
+(G, C, s), so a working-set iteration costs D |W|^2, independent of the number of samples.
+
+The inner solver runs on ``stats.restrict(W)``. For g = 1 (Linear layers) it is the
+vectorised FISTA (``grouplasso.solvers.FISTA``): one matrix product and one group
+soft-threshold per iteration, equally at home on a GPU. For g > 1 (convolutions) it is block
+coordinate descent over the groups (``grouplasso.solvers.BCD``), as in celer and skglm: the
+kh*kw entries of one channel's patch are nearly equal, G is badly conditioned, and FISTA's
+single step 1/lambda_max(G) needs thousands of iterations where BCD, with a step per group
+from its own g x g block, needs tens of epochs of the same cost (see
+benchmarks/conv_solver_inner.py). Either is stopped on the subproblem's duality gap.
 
 One ``step`` is one outer iteration: certify V on the full problem, choose W, solve the
 subproblem. V changes only through these steps, so the state is V alone and a resumed
@@ -27,8 +36,8 @@ import torch
 from torch import Tensor
 
 from grouplasso.problem import duality_gap
-from grouplasso.prox import group_norms
-from grouplasso.solvers import FISTA, Solver
+from grouplasso.prox import group_columns, group_norms
+from grouplasso.solvers import BCD, FISTA, Solver
 from grouplasso.stats import LassoStats
 
 
@@ -36,66 +45,89 @@ class WorkingSet(Solver):
     """Working-set multi-task lasso solver (see the module doc).
 
     Args:
-        min_size: smallest working set (columns).
-        grow: the working set holds ``grow`` times as many columns as V has nonzero ones.
+        min_size: smallest working set (groups; columns when ``stats.group`` = 1).
+        grow: the working set holds ``grow`` times as many groups as V has nonzero ones.
         inner_ratio: each subproblem is solved to a gap of ``inner_ratio`` times the full gap.
-        inner_check_every: inner iterations between subproblem gap evaluations.
-        max_inner: inner iterations per step at most (a step always returns in bounded time).
+        inner_check_every: FISTA iterations between subproblem gap evaluations.
+        max_inner: inner iterations (FISTA iterations or BCD epochs) per step at most (a step
+            always returns in bounded time).
+        inner: the subproblem solver: ``"fista"``, ``"bcd"`` or ``"auto"`` (FISTA for g = 1,
+            BCD for g > 1).
+        bcd_check_every: BCD epochs between subproblem gap evaluations.
+        anderson: BCD's Anderson extrapolation memory in epochs (0: none; see ``BCD``).
+
+    ``metrics()["inner_iterations"]`` counts the last step's FISTA iterations or BCD epochs;
+    ``step_size`` is FISTA's 1/L or, for BCD, the mean over the working set's groups of 1/L_c.
     """
 
     certify_every = 1  # every step ends with a certificate anyway
 
     def __init__(self, stats: LassoStats, lam: float, V0: Tensor, min_size: int = 100, grow: float = 2.0,
-                 inner_ratio: float = 0.3, inner_check_every: int = 10, max_inner: int = 20_000) -> None:
+                 inner_ratio: float = 0.3, inner_check_every: int = 10, max_inner: int = 20_000,
+                 inner: str = "auto", bcd_check_every: int = 5, anderson: int = 5) -> None:
         super().__init__(stats, lam, V0)
-        if min_size < 1 or grow < 1 or not 0 < inner_ratio < 1 or inner_check_every < 1 or max_inner < 1:
-            raise ValueError("need min_size >= 1, grow >= 1, 0 < inner_ratio < 1, inner_check_every >= 1, max_inner >= 1")
+        if min_size < 1 or grow < 1 or not 0 < inner_ratio < 1 or inner_check_every < 1 or max_inner < 1 \
+                or bcd_check_every < 1 or anderson < 0:
+            raise ValueError("need min_size >= 1, grow >= 1, 0 < inner_ratio < 1, inner_check_every >= 1, "
+                             "max_inner >= 1, bcd_check_every >= 1, anderson >= 0")
+        if inner not in ("auto", "fista", "bcd"):
+            raise ValueError(f"inner solver must be 'auto', 'fista' or 'bcd', got {inner!r}")
         self.min_size, self.grow, self.inner_ratio = min_size, grow, inner_ratio
         self.inner_check_every, self.max_inner = inner_check_every, max_inner
+        self.inner = ("bcd" if stats.group > 1 else "fista") if inner == "auto" else inner
+        self.bcd_check_every, self.anderson = bcd_check_every, anderson
         self.working_set_size = 0
         self.inner_iterations = 0
         self.inner_step_size = math.nan
 
     def working_set(self) -> Tensor:
-        """Indices (ascending) of the columns of the next subproblem: every nonzero column of V,
-        then the zero columns with the largest dual scores."""
+        """Indices (ascending) of the groups of the next subproblem (the columns when
+        ``stats.group`` = 1): every nonzero group of V, then the zero groups with the largest
+        dual scores."""
         scores = self.certificate().scores.clone()
-        active = group_norms(self.V) > 0
-        size = min(self.stats.K, max(self.min_size, math.ceil(self.grow * int(active.sum()))))
+        active = group_norms(self.V, self.stats.group) > 0
+        size = min(self.stats.groups, max(self.min_size, math.ceil(self.grow * int(active.sum()))))
         scores[active] = math.inf
         return torch.sort(torch.topk(scores, size, sorted=False).indices).values
 
     def step(self) -> None:
         full_gap = self.certificate().gap
-        columns = self.working_set()
+        groups = self.working_set()
+        columns = group_columns(groups, self.stats.group)
         sub, lam, target = self.stats.restrict(columns), self.lam, self.inner_ratio * full_gap
         start = self.V[:, columns]
         basis = None
         if sub.D > 2 * len(columns):
             # Many outputs, few columns (a 4096-wide layer): the subproblem's optimum lies in the
             # span of C's columns (a component of V outside it only adds to the MSE and the
-            # norms), and column norms are invariant under an orthonormal basis Q of that span.
+            # norms), and column norms (so group Frobenius norms) are invariant under an
+            # orthonormal basis Q of that span.
             # So solve for A in V = Q A with C = Q R: R (w, w) replaces C (D, w), exactly, and an
             # inner step costs w^3 instead of D w^2. The /D of the MSE becomes /w, so lambda and
             # the gap target scale by D / w to keep the same minimiser and certificate.
             basis, R = torch.linalg.qr(sub.C)
             scale = sub.D / len(columns)
-            sub, lam, target = LassoStats(sub.G, R, sub.s, sub.n), lam * scale, target * scale
+            sub, lam, target = LassoStats(sub.G, R, sub.s, sub.n, sub.group), lam * scale, target * scale
             start = basis.T @ start  # the projection can only lower the objective
-        inner = FISTA(sub, lam, start)
+        # The span reduction serves BCD as it serves FISTA (an epoch costs D w^2 too): A's groups
+        # have V's Frobenius norms and G, so the blocks L_c, are unchanged.
+        if self.inner == "bcd":
+            inner, check_every = BCD(sub, lam, start, anderson=self.anderson), self.bcd_check_every
+        else:
+            inner, check_every = FISTA(sub, lam, start), self.inner_check_every
         for i in range(1, self.max_inner + 1):
             inner.step()
-            if i % self.inner_check_every == 0 and duality_gap(sub, inner.V, lam).gap <= target:
+            if i % check_every == 0 and duality_gap(sub, inner.V, lam).gap <= target:
                 break
         V = torch.zeros_like(self.V)
         V[:, columns] = inner.V if basis is None else basis @ inner.V
         self.V = V
-        self.working_set_size, self.inner_iterations, self.inner_step_size = len(columns), i, inner.step_size
+        self.working_set_size, self.inner_iterations, self.inner_step_size = len(groups), i, inner.step_size
         self.iterations += 1
 
     @property
     def step_size(self) -> float:
-        """The inner FISTA's step 1/L of the last working set."""
+        """The inner solver's step on the last working set: FISTA's 1/L, BCD's mean 1/L_c."""
         return self.inner_step_size
 
     def metrics(self) -> dict[str, float]:

@@ -3,9 +3,11 @@
 The module owns V (D, K), initialised from the trained weight W (or randomly, as the
 paper did), and solves
 
-    min_V  MSE(V x + b, y) + lam * sum_k ||V[:, k]||_2        (b fixed)
+    min_V  MSE(V x + b, y) + lam * sum_c ||V[:, group c]||_F        (b fixed)
 
-on the layer's sufficient statistics (``grouplasso.LassoStats``), so every step costs
+(groups of ``stats.group`` consecutive columns: one column, a neuron, for a Linear layer;
+one input channel for a convolution) on the layer's sufficient statistics
+(``grouplasso.LassoStats``), so every step costs
 the same whatever the number of samples. The solver (``grouplasso.solvers``) is exposed
 to Lightning as the module's optimizer: each ``training_step`` calls ``optimizer.step()``,
 which takes one step of that solver (for ``fista`` and ``paper_adam`` one proximal-gradient
@@ -172,10 +174,14 @@ class LassoCompression(pl.LightningModule):
         return self.solver.certificate()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lasso_problem"] = {"lam": self.lam, "layer": self.layer, "D": self.stats.D, "K": self.stats.K}
+        checkpoint["lasso_problem"] = self._problem()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("lasso_problem", {})
-        mine = {"lam": self.lam, "layer": self.layer, "D": self.stats.D, "K": self.stats.K}
-        if saved and saved != mine:
+        mine = self._problem()
+        if saved and {"group": 1, **saved} != mine:  # checkpoints from before groups: group 1
             raise ValueError(f"the checkpoint was written for {saved}, not this problem {mine}: resume the matching run")
+
+    def _problem(self) -> dict[str, Any]:
+        """What identifies the problem a checkpoint was written for."""
+        return {"lam": self.lam, "layer": self.layer, "D": self.stats.D, "K": self.stats.K, "group": self.stats.group}

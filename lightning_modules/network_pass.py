@@ -1,7 +1,9 @@
 """Passes of a frozen network over a data set, run with ``Trainer.predict``.
 
 - ``NetworkPass``: the loss and accuracy of a network and, when a layer is named, the
-  sufficient statistics of that layer's compression problem, captured with a forward hook.
+  sufficient statistics of that layer's compression problem, captured with a forward hook
+  (a Linear layer: one sample per image; a Conv2d: one sample per image and output
+  position, its input patches as ``grouplasso.conv`` unfolds them).
 - ``BlockInputPass``: the inputs of one submodule (the *head* that holds the layers being
   compressed, such as AlexNet's ``classifier``), written to a ``FeatureWriter``; the head
   itself never runs, so the pass costs the network before it (the convolutions).
@@ -20,13 +22,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from grouplasso import LassoStats, StatsAccumulator
+from grouplasso.conv import ConvStatsAccumulator
 from models.pruned import IndexedLinear
 
 
 @dataclass
 class PassResult:
-    """Sums over the whole data set (all ranks): mean cross-entropy, accuracy, sample count,
-    and the layer's ``LassoStats`` when a layer was named."""
+    """Sums over the whole data set (all ranks): mean cross-entropy, accuracy, sample count
+    (images), and the layer's ``LassoStats`` when a layer was named. For a Conv2d layer the
+    statistics' own ``n`` counts patches: images times output positions (or times the
+    sampled ``positions`` per image)."""
 
     loss: float
     accuracy: float
@@ -36,12 +41,21 @@ class PassResult:
 
 class NetworkPass(pl.LightningModule):
     """Evaluate ``network`` (eval mode, no gradients) and optionally collect the statistics
-    G, C, s of its Linear layer ``layer`` (inputs x: (B, K), outputs y: (B, D), bias b)."""
+    G, C, s of its layer ``layer``: a Linear layer (inputs x: (B, K), outputs y: (B, D),
+    bias b) or a Conv2d (patches (B*P, C_in*kh*kw), outputs (B*P, D), bias b, group size
+    kh*kw; see ``grouplasso.conv``).
 
-    def __init__(self, network: nn.Module, layer: Optional[str] = None) -> None:
+    ``positions`` (Conv2d only): sample that many output positions of each image (without
+    replacement, reproducibly from ``seed``) instead of using all of them; the statistics'
+    ``n`` is then images * positions (all positions when the output has no more).
+    """
+
+    def __init__(self, network: nn.Module, layer: Optional[str] = None, positions: Optional[int] = None,
+                 seed: int = 0) -> None:
         super().__init__()
         self.network = network
         self.layer = layer
+        self.positions, self.seed = positions, seed
         self.result: Optional[PassResult] = None
 
     def on_predict_start(self) -> None:
@@ -51,15 +65,23 @@ class NetworkPass(pl.LightningModule):
         self._sums = {"loss": torch.zeros((), dtype=torch.float64, device=dev),
                       "correct": torch.zeros((), dtype=torch.float64, device=dev),
                       "n": torch.zeros((), dtype=torch.float64, device=dev)}
-        self._accumulator: Optional[StatsAccumulator] = None
+        self._accumulator: Optional[StatsAccumulator | ConvStatsAccumulator] = None
         self._hook = None
         if self.layer is not None:
-            linear = self.network.get_submodule(self.layer)
-            self._accumulator = StatsAccumulator(
-                linear.in_features, linear.out_features, bias=linear.bias.detach() if linear.bias is not None else None,
-                device=dev,
-            )
-            self._hook = linear.register_forward_hook(self._capture)
+            module = self.network.get_submodule(self.layer)
+            if isinstance(module, nn.Conv2d):  # refuses the convolutions grouplasso.conv cannot unfold
+                self._accumulator = ConvStatsAccumulator(module, device=dev, positions=self.positions, seed=self.seed)
+                self._hook = module.register_forward_hook(self._capture_conv)
+            else:
+                if self.positions is not None:
+                    raise ValueError(f"positions={self.positions} applies to convolutions only; "
+                                     f"{self.layer!r} is a {type(module).__name__}")
+                linear = module
+                self._accumulator = StatsAccumulator(
+                    linear.in_features, linear.out_features, bias=linear.bias.detach() if linear.bias is not None else None,
+                    device=dev,
+                )
+                self._hook = linear.register_forward_hook(self._capture)
 
     def _capture(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         # Consumed right here: the next in-place ReLU would overwrite ``output``.
@@ -67,6 +89,10 @@ class NetworkPass(pl.LightningModule):
         if isinstance(module, IndexedLinear):
             x = x.index_select(-1, module.index)
         self._accumulator.update(x.detach(), output.detach())
+
+    def _capture_conv(self, module: nn.Conv2d, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        # Consumed right here, like ``_capture`` (patches fed in chunks: bounded memory).
+        self._accumulator.update(inputs[0].detach(), output.detach())
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Forward one batch (the hook accumulates the statistics) and add to the sums."""
@@ -94,13 +120,15 @@ class NetworkPass(pl.LightningModule):
         return self.trainer.strategy.reduce(tensor, reduce_op="sum")
 
 
-def run_pass(trainer: pl.Trainer, network: nn.Module, loader: Any, layer: Optional[str] = None) -> PassResult:
-    """Evaluate ``network`` over ``loader`` (and collect ``layer``'s statistics) with ``trainer``.
+def run_pass(trainer: pl.Trainer, network: nn.Module, loader: Any, layer: Optional[str] = None,
+             positions: Optional[int] = None, seed: int = 0) -> PassResult:
+    """Evaluate ``network`` over ``loader`` (and collect ``layer``'s statistics) with ``trainer``;
+    ``positions``, ``seed``: a Conv2d layer's position sampling (see ``NetworkPass``).
 
     Make ``trainer`` with ``inference_mode=False`` (gradients are still off): statistics
     created under inference mode could not be updated in place later.
     """
-    module = NetworkPass(network, layer)
+    module = NetworkPass(network, layer, positions=positions, seed=seed)
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     if module.result is None:  # Lightning skips the epoch hooks when there are no batches
         require_samples(0)

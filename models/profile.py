@@ -1,4 +1,4 @@
-"""Size and speed of a network: parameters, multiply-adds, Linear widths, latency."""
+"""Size and speed of a network: parameters, multiply-adds, layer widths, latency."""
 from __future__ import annotations
 
 import time
@@ -16,6 +16,16 @@ def count_parameters(model: nn.Module) -> int:
 def linear_widths(model: nn.Module) -> dict[str, int]:
     """Inputs read by every Linear layer (the width of the layer of neurons before it)."""
     return {name: m.in_features for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Input width of every Linear (``in_features``) and Conv2d (``in_channels``) layer, in
+    module order: the width of the layer of neurons (channels) before each."""
+    return {
+        name: m.in_features if isinstance(m, nn.Linear) else m.in_channels
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    }
 
 
 @torch.no_grad()

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from callbacks.convergence import Convergence
+from compression.baselines import torch_pruning_available
 from compression.pipeline import CompressionPipeline
+from compression.report import format_report, plot_path
 from compression.settings import Target, TrainerSettings
 from lightning_modules.lasso import LassoCompression
 from tests.helpers import ToyDataModule, toy_network
@@ -128,3 +130,34 @@ def test_the_command_line_choice_replaces_the_config_choice(tmp_path, extra, exp
     cli = CompressCLI(["--config", "alexnet_fashion_compress", "--checkpoint", "unused.ckpt",
                        "--trainer.logger.init_args.save_dir", str(tmp_path), *extra])
     assert cli.amount() == {"lambdas": None, "lambda_ratios": None, "target": Target(), **expected}
+
+
+def test_baselines_at_every_path_width_and_at_the_final_width(toy, tmp_path):
+    """--baselines: every method at the widths of the path and of the result, each keeping
+    exactly that many neurons; the lasso's own row reproduces the compressed network's accuracy."""
+    report = pipeline(toy, tmp_path, baselines=True).run(["4"], target=Target(width=[6]),
+                                                         path_ratios=[0.5, 0.2, 0.05])
+    rows, entry = report["baselines"]["4"], report["layers"][0]
+    widths = {r["active"] for r in report["paths"]["4"] if r["active"]} | {6}
+    methods = {"magnitude", "magnitude_refit", "activation", "lasso", "lasso_refit"}
+    if torch_pruning_available():
+        methods |= {"torch_pruning_magnitude", "torch_pruning_taylor"}
+    assert {(r["method"], r["width"]) for r in rows} == {(m, w) for m in methods for w in widths}
+    assert all(r["kept"] == r["width"] for r in rows)
+    final = {r["method"]: r for r in rows if r["width"] == 6}
+    # The tail evaluation of the lasso's V equals the pass of the pruned network over the test set.
+    assert final["lasso"]["test_accuracy"] == pytest.approx(report["after"]["test_accuracy"], abs=1e-12)
+    assert final["lasso"]["train_mse"] == pytest.approx(entry["mse"], rel=1e-9)
+    # The refit is the least-squares optimum on the lasso's support: never a worse MSE.
+    assert final["lasso_refit"]["train_mse"] <= final["lasso"]["train_mse"] * (1 + 1e-9)
+    assert final["magnitude_refit"]["train_mse"] <= final["magnitude"]["train_mse"] * (1 + 1e-9)
+    assert (tmp_path / "path-4.png").is_file() or report["paths"]  # the figure is written by write_report
+    text = format_report(report)
+    assert "baselines at equal width for 4" in text and "magnitude_refit" in text
+
+
+def test_the_path_figure_has_one_line_per_method(toy, tmp_path):
+    report = pipeline(toy, tmp_path, baselines=True).run(["4"], lambda_ratios=[0.2], path_ratios=[0.5, 0.1])
+    fig = plot_path("4", report["paths"]["4"], report["baselines"]["4"])
+    labels = {line.get_label() for line in fig.axes[0].get_lines()}
+    assert {"lasso path", "magnitude", "magnitude_refit", "activation", "lasso_refit"} <= labels
