@@ -19,6 +19,10 @@ form of this problem needs a Kronecker design of (N * positions * D) rows by K *
     python -m benchmarks.conv [--checkpoint runs/alexnet_fashion/demo/checkpoints/best.ckpt]
 
 Writes ``benchmarks/results/conv.json``.
+
+Status: written but not yet run to completion on these two CPU cores (the README's
+"What is not done here" says what is missing); its parts run the same pipeline code the
+tests cover.
 """
 from __future__ import annotations
 

@@ -76,8 +76,10 @@ def test_compressed_network_keeps_accuracy_and_loses_most_neurons(demo_run, fash
 def test_fine_tuning_keeps_the_compressed_widths(demo_run):
     folder, report = demo_run
     surgery, tuned = report["after_surgery"], report["after"]
-    assert tuned["widths"] == surgery["widths"] == {"classifier.1": 9216, "classifier.4": report["layers"][0]["width_after"],
-                                                     "classifier.6": report["layers"][1]["width_after"]}
+    assert tuned["widths"] == surgery["widths"] == {
+        "features.0": 3, "features.3": 64, "features.6": 192, "features.8": 384, "features.10": 256,  # convolutions
+        "classifier.1": 9216, "classifier.4": report["layers"][0]["width_after"],
+        "classifier.6": report["layers"][1]["width_after"]}
     assert tuned["parameters"] == surgery["parameters"]
     assert report["finetune"]["epochs"] == 1 and report["finetune"]["lr"] == pytest.approx(3e-5)  # 0.1 x training lr
     assert tuned["train_loss"] != surgery["train_loss"]  # it trained
