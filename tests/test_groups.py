@@ -124,19 +124,25 @@ def test_group_solver_matches_cvxpy_objective_and_zero_groups(name, group, seed,
     V_ref, F_ref = cvxpy_group_solution(X, Y, b, lam, group)
     # min_size 1: the working sets really are chosen among the groups, not all of them at once
     solver = solve(WorkingSet(stats, lam, zeros(stats), min_size=1) if name == "working_set" else FISTA(stats, lam, zeros(stats)))
-    F = objective(stats, solver.V, lam)
-    assert F == pytest.approx(F_ref, rel=1e-6)
-    assert F <= F_ref * (1 + 1e-9)
-    ours = set(torch.nonzero(group_norms(solver.V, group) == 0).flatten().tolist())
-    theirs = set(np.flatnonzero(numpy_group_norms(V_ref, group) < 1e-6).tolist())
-    assert ours == theirs and 0 < len(ours) < stats.groups
+    ours = assert_matches_cvxpy(stats, solver.V, lam, V_ref, F_ref)
     assert solver.metrics()["active"] == stats.groups - len(ours)  # counted in groups
     if name == "working_set":
         # it grew through proper subsets of the groups: 1 group first (min_size 1, V = 0), then more
         assert solver.working_set_sizes[0] == 1 and len(set(solver.working_set_sizes)) > 1
-    # every zero group's column is exactly zero (whole groups are removed)
-    zero_columns = group_columns(torch.tensor(sorted(ours)), group)
-    assert torch.equal(solver.V[:, zero_columns], torch.zeros(stats.D, len(zero_columns), dtype=torch.float64))
+
+
+def assert_matches_cvxpy(stats, V, lam: float, V_ref: np.ndarray, F_ref: float) -> set[int]:
+    """V's objective within 1e-6 of cvxpy's (and not below it beyond rounding), the same zero
+    groups, some but not all of them, each exactly zero; returns the zero groups."""
+    F = objective(stats, V, lam)
+    assert F == pytest.approx(F_ref, rel=1e-6)
+    assert F <= F_ref * (1 + 1e-9)
+    ours = set(torch.nonzero(group_norms(V, stats.group) == 0).flatten().tolist())
+    theirs = set(np.flatnonzero(numpy_group_norms(V_ref, stats.group) < 1e-6).tolist())
+    assert ours == theirs and 0 < len(ours) < stats.groups
+    zero_columns = group_columns(torch.tensor(sorted(ours)), stats.group)
+    assert torch.equal(V[:, zero_columns], torch.zeros(stats.D, len(zero_columns), dtype=torch.float64))
+    return ours
 
 
 @pytest.mark.parametrize("group, seed, ratio", [(3, 3, 0.1), (4, 4, 0.3)])
