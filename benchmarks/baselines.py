@@ -50,10 +50,11 @@ def per_layer(pipeline: CompressionPipeline, network: torch.nn.Module, passes: D
     for layer, module in LAYERS.items():
         start = time.perf_counter()
         info, problem, _ = pipeline.layer_problem(network, module, passes)
-        search = pipeline._searcher(problem, LayerPlan(layer, module, "width", 0), None)
+        plan = LayerPlan(layer, module, "width", 0)
+        search = pipeline._searcher(problem, plan, None)
         lasso = {k: search.at_width(k).V for k in WIDTHS}  # certified, exactly k neurons each
-        for row in pipeline.compare_baselines(network, info, problem, LayerPlan(layer, module, "width", 0), passes,
-                                              WIDTHS, lasso):
+        test = passes.layer_inputs(network, "test", module)
+        for row in pipeline.compare_baselines(network, info, problem, plan, passes, test, WIDTHS, lasso):
             rows.append({"layer": layer, **row, "finetune_epochs": 0})
         original = passes.evaluate(network, "test")[0].accuracy
         rows.append({"layer": layer, "method": "original", "width": problem.groups, "kept": problem.groups,

@@ -47,9 +47,8 @@ the producer and the consumer only).
 """
 from __future__ import annotations
 
-import importlib.util
-
 import copy
+import importlib.util
 import operator
 from typing import Any, Iterable, Optional
 
@@ -57,8 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from grouplasso import LassoStats, debias
-from grouplasso.prox import active_columns, active_groups, group_norms
+from grouplasso import LassoStats, active_columns, active_groups, debias, group_norms, keep_groups
 from models.layers import LayerInfo
 from models.pruned import IndexedLinear
 
@@ -125,13 +123,13 @@ def equal_width_weights(stats: LassoStats, W: Tensor, k: int, lasso_V: Optional[
         raise ValueError(f"W has only {nonzero} nonzero groups of its {m}: no support of {k} nonzero groups exists")
 
     out: dict[str, Tensor] = {}
-    magnitude = _keep(W, top_groups(magnitude_scores(W, g), k), g)
+    magnitude = keep_groups(W, top_groups(magnitude_scores(W, g), k), g)
     out["magnitude"] = magnitude
     out["magnitude_refit"] = _refit(stats, magnitude)
     # Dead groups (score 0) with nonzero weights rank above groups of zero weights: only they
     # can be kept as nonzero groups (relevant only when fewer than k groups are alive).
     activation_support = top_groups(activation_scores(stats, W), k, then=(magnitude_scores(W, g) > 0).double())
-    out["activation"] = _refit(stats, _keep(W, activation_support, g))
+    out["activation"] = _refit(stats, keep_groups(W, activation_support, g))
     if lasso_V is not None:
         lasso_V = _matrix(lasso_V)
         if tuple(lasso_V.shape) != (D, K):
@@ -162,13 +160,6 @@ def _width(k: object) -> int:
         return operator.index(k)
     except TypeError:
         raise ValueError(f"k = {k!r} neurons: must be an integer") from None
-
-
-def _keep(W: Tensor, groups: Tensor, g: int) -> Tensor:
-    """W with every group not in ``groups`` zeroed."""
-    mask = torch.zeros(W.shape[1] // g, dtype=torch.bool, device=W.device)
-    mask[groups.to(W.device)] = True
-    return W * mask.repeat_interleave(g)[None, :]
 
 
 def _refit(stats: LassoStats, V: Tensor) -> Tensor:

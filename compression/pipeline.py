@@ -140,6 +140,8 @@ class CompressionPipeline:
         if not layers:
             raise ValueError("no layers to compress: set layers, e.g. [pen, last]")
         modules = [resolve_layer_name(self.network, layer, self.arch) for layer in layers]  # errors list valid names
+        # refuses layers whose inputs are not removable neurons, with the reason
+        infos = [analyse_layer(self.network, module) for module in modules]
         target = target or Target()
         chosen = [name for name, given in (("lambdas", lambdas), ("lambda_ratios", lambda_ratios),
                                            ("target.width", target.width),
@@ -154,9 +156,9 @@ class CompressionPipeline:
             values, how = [check_ratio(v) for v in _per_layer(lambda_ratios, layers, "lambda ratio")], "ratio"
         elif target.width is not None:
             values, how = _per_layer(target.width, layers, "width"), "width"
-            for layer, module, k in zip(layers, modules, values):
-                K = layer_width(self.network, module)
-                unit = "input neurons" if analyse_layer(self.network, module).group == 1 else "input channels"
+            for layer, info, k in zip(layers, infos, values):
+                K = layer_width(self.network, info)
+                unit = "input neurons" if info.group == 1 else "input channels"
                 if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= K:
                     raise ValueError(f"target width {k!r} for {layer!r} is not possible: it has {K} {unit}; "
                                      f"choose 1 to {K}")
@@ -171,8 +173,6 @@ class CompressionPipeline:
         if how in ("width", "accuracy") and self.solver == "paper_adam":
             raise ValueError("targets need a certified solver (model.solver: auto); paper_adam reproduces the paper's "
                              "absolute lambdas: give them with --lambdas")
-        for module in modules:  # refuses layers whose inputs are not removable neurons, with the reason
-            analyse_layer(self.network, module)
         return [LayerPlan(layer, module, how, float(v)) for layer, module, v in zip(layers, modules, values)]
 
     # --- solving ----------------------------------------------------------------------------
@@ -232,11 +232,11 @@ class CompressionPipeline:
         )
 
     def regularisation_path(self, network: nn.Module, problem: LayerProblem, lambdas: list[float], plan: LayerPlan,
-                            passes: DataPasses) -> list[dict[str, Any]]:
+                            test: tuple[Tensor, Tensor]) -> list[dict[str, Any]]:
         """Solve for every lambda, largest first, each warm-started from the previous solution;
-        evaluate each on the test set from the layer's stored inputs (and the baselines at the
-        same width, when asked)."""
-        inputs, labels = passes.layer_inputs(network, "test", plan.module)
+        evaluate each on the test set from the layer's stored ``test`` inputs and labels; each
+        row keeps its solution under ``V`` for the baselines at the same width."""
+        inputs, labels = test
         stats, top, rows, V0 = problem.stats, lambda_max(problem.stats), [], None
         for lam in sorted(lambdas, reverse=True):
             solution = self.solve(stats, lam, problem.W, plan.layer, tag=f"{plan.layer}-lam{lam:.9g}", V0=V0)
@@ -274,9 +274,10 @@ class CompressionPipeline:
         if info.kind == "conv" and passes.conv_sampling:
             entry["conv_sampling"] = dict(passes.conv_sampling)
         rows = None
+        test = passes.layer_inputs(network, "test", plan.module) if path or path_ratios or self.baselines else None
         if path or path_ratios:
             lambdas = path or [check_ratio(r, "path ratio") * top for r in path_ratios]
-            rows = self.regularisation_path(network, problem, lambdas, plan, passes)
+            rows = self.regularisation_path(network, problem, lambdas, plan, test)
         solution: Optional[Solution] = None
         if plan.how in ("lambda", "ratio"):
             lam = plan.value if plan.how == "lambda" else plan.value * top
@@ -302,7 +303,7 @@ class CompressionPipeline:
             entry["certified_same_width"] = self._certified_at_width(problem, plan, entry["active"])
         if self.baselines and solution is not None:
             widths = sorted({r["active"] for r in rows or []} | {entry["active"]}, reverse=True)
-            entry["baselines"] = self.compare_baselines(network, info, problem, plan, passes, widths,
+            entry["baselines"] = self.compare_baselines(network, info, problem, plan, passes, test, widths,
                                                         {entry["active"]: V, **{r["active"]: r.pop("V") for r in rows or []}})
         for r in rows or []:
             r.pop("V", None)
@@ -315,11 +316,15 @@ class CompressionPipeline:
         return remove_neurons(network, info, problem.weight(V)).eval(), entry
 
     def compare_baselines(self, network: nn.Module, info: LayerInfo, problem: LayerProblem, plan: LayerPlan,
-                          passes: DataPasses, widths: list[int], lasso: dict[int, Tensor]) -> list[dict[str, Any]]:
+                          passes: DataPasses, test: tuple[Tensor, Tensor], widths: list[int],
+                          lasso: dict[int, Tensor]) -> list[dict[str, Any]]:
         """Every baseline of ``compression.baselines`` at each width (with the lasso solution of
-        that width): test accuracy and train MSE of the layer, one row per method and width."""
-        inputs, labels = passes.layer_inputs(network, "test", plan.module)
+        that width): test accuracy (from the layer's stored ``test`` inputs and labels, or for
+        Torch-Pruning's networks a pass over the test split) and the layer's train MSE, one row
+        per method and width."""
+        inputs, labels = test
         shape = tuple(self.datamodule.test_set[0][0].shape)
+        loss_batches = self._loss_batches() if torch_pruning_available() else None
         rows = []
         for k in widths:
             if k == 0:
@@ -331,7 +336,7 @@ class CompressionPipeline:
                              "train_mse": mse(problem.stats, V)})
             for importance in IMPORTANCES if torch_pruning_available() else ():
                 pruned, kept = torch_pruning_network(network, info, k, importance, example_inputs=torch.zeros(1, *shape),
-                                                     loss_batches=self._loss_batches())
+                                                     loss_batches=loss_batches)
                 rows.append({"method": f"torch_pruning_{importance}", "width": k, "kept": kept,
                              "test_accuracy": passes.evaluate(pruned.eval(), "test")[0].accuracy})
         return rows

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from grouplasso import active_groups, group_norms
+from grouplasso import active_groups, group_norms, keep_groups
 
 
 @dataclass
@@ -106,9 +106,7 @@ class LambdaSearch:
             else:
                 hi_lam = above.lam
             if hi_lam / below.lam < 1 + 1e-9:
-                keep = torch.topk(group_norms(below.V, self.group), k).indices
-                V = (below.V.reshape(below.V.shape[0], -1, self.group) * _indicator(keep, below.V, self.group)
-                     ).reshape(below.V.shape)
+                V = keep_groups(below.V, torch.topk(group_norms(below.V, self.group), k).indices, self.group)
                 return Candidate(lam=below.lam, ratio=below.ratio, width=k, rel_gap=math.nan, seconds=0.0,
                                  resolved=f"truncated from {below.width}", V=V)
             middle = self.candidate(math.sqrt(hi_lam * below.lam), above)
@@ -136,9 +134,3 @@ class LambdaSearch:
                 above = middle
         return min((c for c in self.candidates if meets(c)), key=lambda c: (c.width, -c.val_accuracy))
 
-
-def _indicator(groups: Tensor, V: Tensor, group: int) -> Tensor:
-    """(1, K/g, 1) ones at ``groups``, zeros elsewhere: keeps those groups of V (D, K/g, g)."""
-    mask = torch.zeros(1, V.shape[1] // group, 1, dtype=V.dtype, device=V.device)
-    mask[0, groups.to(V.device), 0] = 1
-    return mask

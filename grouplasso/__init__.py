@@ -15,7 +15,7 @@ from grouplasso.problem import (
     DualityGap, check_lambda, debias, duality_gap, gradient, group_norm, lambda_max, lipschitz, mse, objective, residual_energy,
 )
 from grouplasso.folding import Folding, fold_repeated_groups
-from grouplasso.prox import active_columns, active_groups, group_columns, group_norms, group_soft_threshold
+from grouplasso.prox import active_columns, active_groups, group_columns, group_norms, group_soft_threshold, keep_groups
 from grouplasso.solvers import BCD, FISTA, PaperAdam, Solver
 from grouplasso.stats import LassoStats, StatsAccumulator
 from grouplasso.working_set import WorkingSet
@@ -31,7 +31,7 @@ SOLVERS: dict[str, type[Solver]] = {
 }
 
 __all__ = [
-    "SOLVERS", "BCD", "DualityGap", "Folding", "active_columns", "active_groups", "check_lambda", "FISTA", "LassoStats", "PaperAdam", "Solver", "StatsAccumulator", "WorkingSet",
+    "SOLVERS", "BCD", "DualityGap", "Folding", "active_columns", "active_groups", "keep_groups", "check_lambda", "FISTA", "LassoStats", "PaperAdam", "Solver", "StatsAccumulator", "WorkingSet",
     "debias", "duality_gap", "fold_repeated_groups", "gradient", "group_columns", "group_norm", "group_norms", "group_soft_threshold", "lambda_max", "lipschitz",
     "mse",
     "objective", "residual_energy",

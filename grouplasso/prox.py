@@ -37,6 +37,14 @@ def group_columns(groups: Tensor, group: int = 1) -> Tensor:
     return (groups[:, None] * group + torch.arange(group, device=groups.device)).flatten()
 
 
+def keep_groups(V: Tensor, groups: Tensor, group: int = 1) -> Tensor:
+    """V (D, K) with every group not in ``groups`` zeroed (a new tensor)."""
+    columns = group_columns(groups.to(V.device), group)
+    out = torch.zeros_like(V)
+    out[:, columns] = V[:, columns]
+    return out
+
+
 def active_groups(V: Tensor, group: int = 1) -> Tensor:
     """Indices (ascending) of the nonzero groups of ``V`` (D, K): the neurons (g = 1) or input
     channels (g > 1) a solution keeps."""

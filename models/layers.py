@@ -251,12 +251,11 @@ def _name(node: fx.Node) -> str:
     return repr(node.target) if node.op == "call_module" else repr(node.name)
 
 
-def layer_width(model: nn.Module, name: str) -> int:
-    """The width a target counts for layer ``name``: its input neurons (a Linear layer fed by a
-    Linear), or channels (a convolution, or a Linear layer reading convolution channels)."""
-    info = analyse_layer(model, name)
-    weight = model.get_submodule(name).weight
-    return weight[0].numel() // info.group
+def layer_width(model: nn.Module, info: LayerInfo) -> int:
+    """The width a target counts for the layer ``info`` describes (``analyse_layer``): its input
+    neurons (a Linear layer fed by a Linear), or channels (a convolution, or a Linear layer
+    reading convolution channels)."""
+    return model.get_submodule(info.name).weight[0].numel() // info.group
 
 
 def trace(model: nn.Module) -> fx.Graph:
