@@ -128,7 +128,7 @@ def _valid_names(model: nn.Module, aliases: dict[str, str]) -> str:
 def _refused_convs(model: nn.Module, convs: list[str]) -> dict[str, str]:
     """The Conv2d layers that cannot be compressed, with the short reason."""
     try:
-        graph = _Tracer().trace(model)
+        graph = trace(model)
     except (fx.proxy.TraceError, TypeError, RuntimeError):  # untraceable: analyse_layer reports fx's error
         return {}
     modules = dict(model.named_modules())
@@ -151,7 +151,7 @@ def analyse_layer(model: nn.Module, name: str) -> LayerInfo:
     if not isinstance(layer, (nn.Linear, nn.Conv2d)):
         kind = "is not a Linear or Conv2d layer" if layer is not None else "does not exist in this network"
         raise LayerError(f"layer {name!r} {kind}. {_valid_names(model, {})}")
-    return _analyse(_Tracer().trace(model), dict(model.named_modules()), name)
+    return _analyse(trace(model), dict(model.named_modules()), name)
 
 
 def _analyse(graph: fx.Graph, modules: dict[str, nn.Module], name: str) -> LayerInfo:
