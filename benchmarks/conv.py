@@ -2,11 +2,13 @@
 and what the largest convolution problem costs to solve.
 
 Part 1, the whole network: ``compress.py --config alexnet_fashion_conv`` (conv2..conv5's
-input channels, then pen and last, one 1-point validation budget) with 1 fine-tuning
-epoch: multiply-adds, CPU latency at batch size 1 and test accuracy before, after surgery
-(0 epochs) and after fine-tuning; then Torch-Pruning (group magnitude and Taylor
-importance) pruning the same layers to the same channel counts, with 0 and 1 epoch of the
-same fine-tuning.
+input channels, then pen and last, each candidate refit by least squares) at validation
+budgets of 1 and 2 points, each with 1 epoch of fine-tuning (dropout off, the default):
+multiply-adds, test accuracy, and batch-1 CPU latency of every network measured side by side
+at the end (in turns, so that load on the machine affects all alike). At the first budget's
+widths also: the same fine-tuning with the network's own dropout (p = 0.5), and Torch-Pruning
+(group magnitude and Taylor importance) pruning the same layers to the same channel counts,
+with 0 and 1 epoch of the same fine-tuning.
 
 Part 2, the solver on conv4 (``features.8``: K = 384 * 9 = 3,456 columns in groups of 9,
 D = 256): the statistics over the training split, then the working-set solver and FISTA on
@@ -20,9 +22,7 @@ form of this problem needs a Kronecker design of (N * positions * D) rows by K *
 
 Writes ``benchmarks/results/conv.json``.
 
-Status: written but not yet run to completion on these two CPU cores (the README's
-"What is not done here" says what is missing); its parts run the same pipeline code the
-tests cover.
+The README's "Results measured here" gives the numbers of its last run.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -42,52 +43,96 @@ from compression.pipeline import CompressionPipeline
 from compression.settings import TrainerSettings
 from datamodules.fashion_mnist import FashionMNISTDataModule
 from grouplasso import SOLVERS, lambda_max
-from models.checkpoints import network_from_state, read_checkpoint, save_network
+from models.checkpoints import load_network, network_from_state, read_checkpoint, save_network
 from models.layers import analyse_layer
 from models.profile import count_macs, latency_ms
 
 TRAINER = TrainerSettings(accelerator="cpu", enable_progress_bar=False)
 
 
+def compression_run(args: argparse.Namespace, work: Path, budget: float) -> tuple[dict, Path]:
+    """``compress.py --config alexnet_fashion_conv`` at a validation budget of ``budget`` points,
+    with 1 epoch of fine-tuning; an earlier run of this benchmark at that budget is resumed
+    (its finished solves are read back)."""
+    version = f"budget{budget:g}"
+    run = work / "runs" / "compress_alexnet_fashion_conv" / version
+    argv = ["--config", "alexnet_fashion_conv", "--checkpoint", args.checkpoint, "--cache_dir", args.cache_dir,
+            "--trainer.logger.init_args.save_dir", str(work / "runs"), "--trainer.logger.init_args.version", version,
+            "--trainer.enable_progress_bar", "false", "--convergence.verbose", "false",
+            "--target.max_accuracy_drop", str(budget), "--finetune.epochs", "1"]
+    if (run / "solve").is_dir():
+        argv += ["--resume", str(run)]
+    return compress(argv), run
+
+
 def whole_network(args: argparse.Namespace, work: Path) -> dict:
-    report = compress(["--config", "alexnet_fashion_conv", "--checkpoint", args.checkpoint, "--cache_dir", args.cache_dir,
-                       "--trainer.logger.init_args.save_dir", str(work / "runs"), "--trainer.enable_progress_bar",
-                       "false", "--convergence.verbose", "false", "--finetune.epochs", "1"])
-    rows = []
-    for stage, method, epochs in (("before", "original", 0), ("after_surgery", "lasso", 0), ("after", "lasso", 1)):
-        r = report[stage]
-        rows.append({"method": method, "finetune_epochs": epochs, "test_accuracy": r["test_accuracy"],
-                     "macs": r["macs"], "latency_ms": r["latency_ms"], "parameters": r["parameters"]})
-    widths = [(e["module"], e["width_after"]) for e in report["layers"]]
-    state, info = read_checkpoint(args.checkpoint)
-    network = network_from_state(state, "alexnet", info["num_classes"]).eval()
+    _, info = read_checkpoint(args.checkpoint)
+    hparams = info.get("hparams") or {}
     dm = FashionMNISTDataModule(root="data", batch_size=500, num_workers=2, val_fraction=0.1)
     dm.prepare_data()
     dm.setup("fit")
     shape = tuple(dm.test_set[0][0].shape)
     passes = DataPasses(dm, "", TRAINER, Path(args.cache_dir), work)
-    loss_batches = CompressionPipeline(network, "alexnet", 10, dm, work)._loss_batches()
+    trainer = {**TRAINER.distributed(), "enable_progress_bar": False}
+    rows, networks, runs = [], {}, {}
+
+    def add(method: str, epochs: int, budget: Optional[float], network: torch.nn.Module, **extra) -> None:
+        network, name = network.eval(), f"{method}, budget {budget}, {epochs} epochs"
+        networks[name] = network
+        rows.append({"name": name, "method": method, "budget": budget, "finetune_epochs": epochs,
+                     "test_accuracy": passes.evaluate(network, "test")[0].accuracy, "macs": count_macs(network, shape),
+                     "parameters": sum(p.numel() for p in network.parameters()), **extra})
+
+    original = load_network(args.checkpoint)
+    add("original", 0, None, original)
+    for budget in args.budgets:
+        report, run = compression_run(args, work, budget)
+        runs[f"{budget:g}"] = {"widths": {e["module"]: e["width_after"] for e in report["layers"]}, "layers": [
+            {k: e[k] for k in ("layer", "module", "width_before", "width_after", "lambda", "ratio", "stats_seconds",
+                               "samples", "group_size", "folded", "val_accuracy_floor") if k in e}
+            for e in report["layers"]]}
+        add("lasso", 0, budget, load_network(run / "compressed.pt"))
+        add("lasso", 1, budget, load_network(run / "finetune" / "finetuned.pt"))
+    # The same widths as the first budget's run, by other means or other fine-tuning.
+    budget = args.budgets[0]
+    run = work / "runs" / "compress_alexnet_fashion_conv" / f"budget{budget:g}"
+    tuned, _ = finetune(run / "compressed.pt", "alexnet", 10, dm, FinetuneSettings(epochs=1, dropout=None), hparams,
+                        work / "lasso_dropout_as_trained", trainer)
+    add("lasso, fine-tuned with the network's dropout (0.5)", 1, budget, tuned)
+    widths = runs[f"{budget:g}"]["widths"]
+    loss_batches = CompressionPipeline(original, "alexnet", 10, dm, work)._loss_batches()
     for importance in ("magnitude", "taylor"):
-        pruned = network
-        for module, k in widths:
+        pruned = original
+        for module, k in widths.items():
             pruned, kept = torch_pruning_network(pruned, analyse_layer(pruned, module), k, importance,
                                                  example_inputs=torch.zeros(1, *shape), loss_batches=loss_batches)
             assert kept == k, (module, k, kept)
-        pruned = pruned.eval()
         folder = work / f"torch_pruning_{importance}"
-        saved = save_network(pruned, folder / "pruned.pt", "alexnet", info["num_classes"])
-        tuned, _ = finetune(saved, "alexnet", info["num_classes"], dm, FinetuneSettings(epochs=1),
-                            info.get("hparams") or {}, folder, {**TRAINER.distributed(), "enable_progress_bar": False})
-        for epochs, net in ((0, pruned), (1, tuned.eval())):
-            rows.append({"method": f"torch_pruning_{importance}", "finetune_epochs": epochs,
-                         "test_accuracy": passes.evaluate(net, "test")[0].accuracy, "macs": count_macs(net, shape),
-                         "latency_ms": latency_ms(net, shape), "parameters": sum(p.numel() for p in net.parameters())})
+        saved = save_network(pruned.eval(), folder / "pruned.pt", "alexnet", 10)
+        tuned, _ = finetune(saved, "alexnet", 10, dm, FinetuneSettings(epochs=1), hparams, folder, trainer)
+        add(f"torch_pruning_{importance}", 0, budget, load_network(saved))
+        add(f"torch_pruning_{importance}", 1, budget, tuned)
+    latency = latency_side_by_side(networks, shape)
+    reference = rows[0]
     for row in rows:
-        print(f"{row['method']:26s} {row['finetune_epochs']} epochs  test {100 * row['test_accuracy']:6.2f}%  "
-              f"MACs {row['macs']:>12,d}  latency {row['latency_ms']:6.2f} ms", flush=True)
-    return {"widths": dict(widths), "rows": rows, "layers": [
-        {k: e[k] for k in ("layer", "module", "width_before", "width_after", "lambda", "ratio", "stats_seconds",
-                           "samples", "group_size", "folded") if k in e} for e in report["layers"]]}
+        row["latency_ms"] = latency[row["name"]]
+    for row in rows:
+        print(f"{row['method'][:40]:40s} budget {row['budget'] or '':>3} {row['finetune_epochs']} epochs  "
+              f"test {100 * row['test_accuracy']:6.2f}% ({100 * (row['test_accuracy'] - reference['test_accuracy']):+.2f})"
+              f"  MACs {row['macs']:>12,d} (1/{reference['macs'] / row['macs']:.2f})  latency {row['latency_ms']:6.2f} ms"
+              f" (1/{reference['latency_ms'] / row['latency_ms']:.2f})", flush=True)
+    return {"runs": runs, "rows": rows}
+
+
+def latency_side_by_side(networks: dict[str, torch.nn.Module], shape: tuple, rounds: int = 7) -> dict[str, float]:
+    """Batch-1 CPU latency (ms) of every network, measured in turns (each round times every network
+    once, ``models.profile.latency_ms``), so that load on the machine affects all alike; the median
+    over rounds."""
+    times: dict[str, list[float]] = {name: [] for name in networks}
+    for _ in range(rounds):
+        for name, network in networks.items():
+            times[name].append(latency_ms(network, shape))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def conv4_solver(args: argparse.Namespace, work: Path) -> dict:
@@ -128,6 +173,8 @@ def main() -> None:
     parser.add_argument("--cache_dir", default=".cache/passes")
     parser.add_argument("--work", default="runs/bench_conv")
     parser.add_argument("--cap", type=float, default=900.0, help="seconds per solver at most")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 2.0],
+                        help="validation budgets (points) of the compression runs; Torch-Pruning gets the first's widths")
     parser.add_argument("--skip_network", action="store_true")
     parser.add_argument("--skip_solver", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/conv.json"))

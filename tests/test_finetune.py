@@ -42,6 +42,8 @@ def test_settings_are_validated():
         FinetuneSettings(epochs=1, lr_factor=0)
     with pytest.raises(ValueError, match="lr must be > 0, or null"):
         FinetuneSettings(epochs=1, lr=-1e-3)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), or null"):
+        FinetuneSettings(epochs=1, dropout=1.0)
     assert FinetuneSettings().epochs == 0
 
 
@@ -94,6 +96,27 @@ def test_finetuning_trains_and_stays_compressed(compressed_file, fashion_root, t
                                     TRAIN_HPARAMS, tmp_path, TRAINER)
     assert summary_again == summary
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), network.state_dict().values()))
+
+
+class DropoutSeen(pl.Callback):
+    """Records the probability of every Dropout layer of the model being trained."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.p = {m.p for m in pl_module.model.modules() if isinstance(m, torch.nn.Dropout)}
+
+
+@pytest.mark.parametrize("dropout, expected", [(0.0, {0.0}), (0.2, {0.2}), (None, {0.5})])
+def test_dropout_during_finetuning(compressed_file, fashion_root, tmp_path, dropout, expected):
+    seen = DropoutSeen()
+    trainer = {**TRAINER, "limit_train_batches": 1, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+    _, summary = finetune(compressed_file, "alexnet", 10, datamodule(fashion_root),
+                          FinetuneSettings(epochs=1, dropout=dropout), TRAIN_HPARAMS, tmp_path, trainer,
+                          callbacks=[seen])
+    assert seen.p == expected and summary["dropout"] == dropout
+    # A finished run fine-tuned with another dropout is not silently reused.
+    with pytest.raises(ValueError, match="fine-tuned with other settings.*dropout"):
+        finetune(compressed_file, "alexnet", 10, datamodule(fashion_root), FinetuneSettings(epochs=1, dropout=0.1),
+                 TRAIN_HPARAMS, tmp_path, trainer)
 
 
 class CrashAtEpoch(pl.Callback):
