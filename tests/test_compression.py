@@ -83,9 +83,9 @@ def test_fine_tuning_keeps_the_compressed_widths(demo_run):
     assert tuned["parameters"] == surgery["parameters"]
     assert report["finetune"]["epochs"] == 1 and report["finetune"]["lr"] == pytest.approx(3e-5)  # 0.1 x training lr
     assert tuned["train_loss"] != surgery["train_loss"]  # it trained
-    # 17 steps at 0.1 x the training lr move the briefly trained network a little either way (the
-    # demo network's numbers are in the README); a broken fine-tuning falls towards chance.
-    assert abs(tuned["test_accuracy"] - surgery["test_accuracy"]) <= 0.03
+    # 17 steps at 0.1 x the training lr, dropout off, recover part of what compressing the briefly
+    # trained network cost (measured: 59.8 -> 67.5 %); a broken fine-tuning falls instead.
+    assert tuned["test_accuracy"] > surgery["test_accuracy"]
 
 
 @pytest.mark.slow
