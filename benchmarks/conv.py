@@ -12,7 +12,7 @@ with 0 and 1 epoch of the same fine-tuning.
 
 Part 2, the solver on conv4 (``features.8``: K = 384 * 9 = 3,456 columns in groups of 9,
 D = 256): the statistics over the training split, then the working-set solver and FISTA on
-all columns to a relative duality gap of 1e-4, at lam = 0.1 * lambda_max. skglm and
+all columns to a relative duality gap of 1e-4, at 0.1 and 0.01 * lambda_max. skglm and
 scikit-learn have no multi-task *group* lasso: skglm's GroupLasso is single-task and its
 MultiTaskLasso (like scikit-learn's and celer's) has one column per group; the single-task
 form of this problem needs a Kronecker design of (N * positions * D) rows by K * D columns
@@ -42,7 +42,7 @@ from compression.passes import DataPasses
 from compression.pipeline import CompressionPipeline
 from compression.settings import TrainerSettings
 from datamodules.fashion_mnist import FashionMNISTDataModule
-from grouplasso import SOLVERS, lambda_max
+from grouplasso import SOLVERS, active_groups, lambda_max
 from models.checkpoints import load_network, network_from_state, read_checkpoint, save_network
 from models.layers import analyse_layer
 from models.profile import count_macs, latency_ms
@@ -91,12 +91,12 @@ def whole_network(args: argparse.Namespace, work: Path) -> dict:
             {k: e[k] for k in ("layer", "module", "width_before", "width_after", "lambda", "ratio", "stats_seconds",
                                "samples", "group_size", "folded", "val_accuracy_floor") if k in e}
             for e in report["layers"]]}
-        add("lasso", 0, budget, load_network(run / "compressed.pt"))
-        add("lasso", 1, budget, load_network(run / "finetune" / "finetuned.pt"))
+        add("lasso", 0, budget, load_network(report["network_after_surgery"]))
+        add("lasso", 1, budget, load_network(report["network"]))
     # The same widths as the first budget's run, by other means or other fine-tuning.
     budget = args.budgets[0]
     run = work / "runs" / "compress_alexnet_fashion_conv" / f"budget{budget:g}"
-    tuned, _ = finetune(run / "compressed.pt", "alexnet", 10, dm, FinetuneSettings(epochs=1, dropout=None), hparams,
+    tuned, _ = finetune(run / "surgery.pt", "alexnet", 10, dm, FinetuneSettings(epochs=1, dropout=None), hparams,
                         work / "lasso_dropout_as_trained", trainer)
     add("lasso, fine-tuned with the network's dropout (0.5)", 1, budget, tuned)
     widths = runs[f"{budget:g}"]["widths"]
@@ -147,22 +147,26 @@ def conv4_solver(args: argparse.Namespace, work: Path) -> dict:
     _, problem, _ = pipeline.layer_problem(network, "features.8", passes)
     out = {"stats_seconds": time.perf_counter() - start, "K": problem.stats.K, "D": problem.stats.D,
            "group": problem.group, "samples": problem.stats.n}
-    lam = 0.1 * lambda_max(problem.stats)
-    for name in ("working_set", "fista"):
-        start = time.perf_counter()
-        solver = SOLVERS[name](problem.stats, lam, torch.zeros(problem.stats.D, problem.stats.K, dtype=torch.float64))
-        while solver.certificate().rel_gap > 1e-4 and time.perf_counter() - start < args.cap:
-            for _ in range(solver.certify_every):
-                solver.step()
-        seconds = time.perf_counter() - start
-        gap = solver.certificate()
-        out[name] = {"seconds": seconds, "rel_gap": gap.rel_gap, "objective": gap.primal, "steps": solver.iterations,
-                     "channels_kept": len(torch.nonzero(solver.V.reshape(problem.stats.D, -1, problem.group)
-                                                        .square().sum((0, 2)))), "reached": gap.rel_gap <= 1e-4}
-        print(f"conv4 {name:12s} {seconds:8.1f} s  rel. gap {gap.rel_gap:.1e}  "
-              f"channels {out[name]['channels_kept']}/384", flush=True)
-    out["lambda"], out["ratio"] = lam, 0.1
-    out["fista_over_working_set"] = out["fista"]["seconds"] / out["working_set"]["seconds"]
+    out["solves"] = []
+    for ratio in args.ratios:
+        lam = ratio * lambda_max(problem.stats)
+        solve = {"ratio": ratio, "lambda": lam}
+        for name in ("working_set", "fista"):
+            start = time.perf_counter()
+            solver = SOLVERS[name](problem.stats, lam,
+                                   torch.zeros(problem.stats.D, problem.stats.K, dtype=torch.float64))
+            while solver.certificate().rel_gap > 1e-4 and time.perf_counter() - start < args.cap:
+                for _ in range(solver.certify_every):
+                    solver.step()
+            seconds = time.perf_counter() - start
+            gap = solver.certificate()
+            kept = len(active_groups(solver.V, problem.group))
+            solve[name] = {"seconds": seconds, "rel_gap": gap.rel_gap, "objective": gap.primal,
+                           "steps": solver.iterations, "channels_kept": kept, "reached": gap.rel_gap <= 1e-4}
+            print(f"conv4 at {ratio:g} lambda_max, {name:12s} {seconds:8.1f} s  rel. gap {gap.rel_gap:.1e}  "
+                  f"channels {kept}/384", flush=True)
+        solve["fista_over_working_set"] = solve["fista"]["seconds"] / solve["working_set"]["seconds"]
+        out["solves"].append(solve)
     print(f"statistics {out['stats_seconds']:.1f} s over {out['samples']:,d} patches", flush=True)
     return out
 
@@ -173,6 +177,8 @@ def main() -> None:
     parser.add_argument("--cache_dir", default=".cache/passes")
     parser.add_argument("--work", default="runs/bench_conv")
     parser.add_argument("--cap", type=float, default=900.0, help="seconds per solver at most")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.01],
+                        help="conv4's lambda as fractions of its lambda_max")
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 2.0],
                         help="validation budgets (points) of the compression runs; Torch-Pruning gets the first's widths")
     parser.add_argument("--skip_network", action="store_true")

@@ -416,11 +416,14 @@ class CompressionPipeline:
         """Save the network, fine-tune it if asked, and complete the report."""
         report["after"] = self.profile(network, passes, with_val)
         saved = self.run_dir / "compressed.pt"
+        # With fine-tuning, the network straight from surgery is kept beside the fine-tuned one.
+        surgery = self.run_dir / "surgery.pt" if self.finetune.epochs > 0 else saved
         if self.is_global_zero:
-            save_network(network, saved, self.arch, self.num_classes, layers=report["layers"])
+            save_network(network, surgery, self.arch, self.num_classes, layers=report["layers"])
         if self.finetune.epochs > 0:
             report["after_surgery"] = report["after"]
-            tuned, details = finetune(saved, self.arch, self.num_classes, self.datamodule, self.finetune,
+            report["network_after_surgery"] = str(surgery)
+            tuned, details = finetune(surgery, self.arch, self.num_classes, self.datamodule, self.finetune,
                                       self.train_hparams, self.run_dir, self.trainer.distributed())
             report["finetune"] = details
             network = tuned.eval()

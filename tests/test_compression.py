@@ -21,7 +21,7 @@ from lightning_modules.lasso import LassoCompression
 from lightning_modules.network_pass import run_pass
 from models.checkpoints import load_network
 from models.layers import LayerError
-from models.profile import count_parameters
+from models.profile import count_parameters, layer_widths
 from tests.helpers import REPO, small_compress_args
 
 # Small fractions of the briefly trained test network's lambda_max (0.016 for pen, 5.6 for
@@ -81,6 +81,10 @@ def test_fine_tuning_keeps_the_compressed_widths(demo_run):
         "classifier.1": 9216, "classifier.4": report["layers"][0]["width_after"],
         "classifier.6": report["layers"][1]["width_after"]}
     assert tuned["parameters"] == surgery["parameters"]
+    # The network straight from surgery is kept beside the fine-tuned one.
+    kept, final = load_network(report["network_after_surgery"]), load_network(report["network"])
+    assert layer_widths(kept) == surgery["widths"] == layer_widths(final)
+    assert any(not torch.equal(a, b) for a, b in zip(kept.state_dict().values(), final.state_dict().values()))
     assert report["finetune"]["epochs"] == 1 and report["finetune"]["lr"] == pytest.approx(3e-5)  # 0.1 x training lr
     assert tuned["train_loss"] != surgery["train_loss"]  # it trained
     # 17 steps at 0.1 x the training lr, dropout off, recover part of what compressing the briefly
