@@ -50,7 +50,7 @@ from models.profile import count_macs, latency_ms
 TRAINER = TrainerSettings(accelerator="cpu", enable_progress_bar=False)
 
 
-def compression_run(args: argparse.Namespace, work: Path, budget: float) -> tuple[dict, Path]:
+def compression_run(args: argparse.Namespace, work: Path, budget: float) -> dict:
     """``compress.py --config alexnet_fashion_conv`` at a validation budget of ``budget`` points,
     with 1 epoch of fine-tuning; an earlier run of this benchmark at that budget is resumed
     (its finished solves are read back)."""
@@ -62,7 +62,7 @@ def compression_run(args: argparse.Namespace, work: Path, budget: float) -> tupl
             "--target.max_accuracy_drop", str(budget), "--finetune.epochs", "1"]
     if (run / "solve").is_dir():
         argv += ["--resume", str(run)]
-    return compress(argv), run
+    return compress(argv)
 
 
 def whole_network(args: argparse.Namespace, work: Path) -> dict:
@@ -86,8 +86,9 @@ def whole_network(args: argparse.Namespace, work: Path) -> dict:
     original = load_network(args.checkpoint)
     add("original", 0, None, original)
     for budget in args.budgets:
-        report, run = compression_run(args, work, budget)
-        runs[f"{budget:g}"] = {"widths": {e["module"]: e["width_after"] for e in report["layers"]}, "layers": [
+        report = compression_run(args, work, budget)
+        runs[f"{budget:g}"] = {"widths": {e["module"]: e["width_after"] for e in report["layers"]},
+                               "network_after_surgery": report["network_after_surgery"], "layers": [
             {k: e[k] for k in ("layer", "module", "width_before", "width_after", "lambda", "ratio", "stats_seconds",
                                "samples", "group_size", "folded", "val_accuracy_floor") if k in e}
             for e in report["layers"]]}
@@ -95,8 +96,7 @@ def whole_network(args: argparse.Namespace, work: Path) -> dict:
         add("lasso", 1, budget, load_network(report["network"]))
     # The same widths as the first budget's run, by other means or other fine-tuning.
     budget = args.budgets[0]
-    run = work / "runs" / "compress_alexnet_fashion_conv" / f"budget{budget:g}"
-    tuned, _ = finetune(run / "surgery.pt", "alexnet", 10, dm, FinetuneSettings(epochs=1, dropout=None), hparams,
+    tuned, _ = finetune(runs[f"{budget:g}"]["network_after_surgery"], "alexnet", 10, dm, FinetuneSettings(epochs=1, dropout=None), hparams,
                         work / "lasso_dropout_as_trained", trainer)
     add("lasso, fine-tuned with the network's dropout (0.5)", 1, budget, tuned)
     widths = runs[f"{budget:g}"]["widths"]
