@@ -15,7 +15,7 @@ install: $(VENV)/.installed  ## create .venv and install the project with its te
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,export]"
 	touch $@
 
 data: install  ## Fashion-MNIST into data/ (Debian's dataset-fashion-mnist if apt works, else torchvision's download)

@@ -34,6 +34,7 @@ from compression.passes import DataPasses
 from compression.pipeline import CompressionPipeline, LayerPlan
 from compression.settings import Target, TrainerSettings
 from datamodules.fashion_mnist import FashionMNISTDataModule
+from models.registry import NetworkSpec
 from models.checkpoints import network_from_state, read_checkpoint, save_network
 from models.layers import analyse_layer
 
@@ -53,7 +54,7 @@ def per_layer(pipeline: CompressionPipeline, network: torch.nn.Module, passes: D
         plan = LayerPlan(layer, module, "width", 0)
         search = pipeline._searcher(problem, plan, None)
         lasso = {k: search.at_width(k).V for k in WIDTHS}  # certified, exactly k neurons each
-        test = passes.layer_inputs(network, "test", module)
+        test = passes.cut_inputs(network, "test", [c.name for c in info.consumers])
         for row in pipeline.compare_baselines(network, info, problem, plan, passes, test, WIDTHS, lasso):
             rows.append({"layer": layer, **row, "finetune_epochs": 0})
         original = passes.evaluate(network, "test")[0].accuracy
@@ -68,7 +69,7 @@ def whole_network(args: argparse.Namespace, network: torch.nn.Module, info: dict
     """The demo's compression with 1 fine-tuning epoch, then Torch-Pruning at its widths."""
     tune = FinetuneSettings(epochs=1)
     pipeline = make_pipeline(network, info, dm, work / "lasso", args.cache_dir, debias=True, finetune=tune)
-    report = pipeline.run(["pen", "last"], target=Target(max_accuracy_drop=0.5))
+    report = pipeline.run(["pen", "last"], target=Target(max_accuracy_drop=0.5, share="cumulative"))
     widths = [e["width_after"] for e in report["layers"]]
     rows = [{"layer": "pen+last", "method": "lasso_refit", "width": widths, "finetune_epochs": epochs,
              "test_accuracy": report[stage]["test_accuracy"], "train_loss": report[stage]["train_loss"]}
@@ -85,8 +86,8 @@ def whole_network(args: argparse.Namespace, network: torch.nn.Module, info: dict
                                               loss_batches=pipeline._loss_batches())
         pruned = pruned.eval()
         folder = work / f"torch_pruning_{importance}"
-        saved = save_network(pruned, folder / "pruned.pt", "alexnet", info["num_classes"])
-        tuned, _ = finetune(saved, "alexnet", info["num_classes"], dm, tune, info.get("hparams") or {}, folder,
+        saved = save_network(pruned, folder / "pruned.pt", NetworkSpec("alexnet", info["num_classes"]))
+        tuned, _ = finetune(saved, NetworkSpec("alexnet", info["num_classes"]), dm, tune, info.get("hparams") or {}, folder,
                             {**TRAINER.distributed(), "enable_progress_bar": False})
         for epochs, net in ((0, pruned), (1, tuned.eval())):
             test = passes.evaluate(net, "test")[0]
@@ -100,7 +101,7 @@ def whole_network(args: argparse.Namespace, network: torch.nn.Module, info: dict
 
 
 def make_pipeline(network, info, dm, run_dir: Path, cache_dir: str, **kwargs) -> CompressionPipeline:
-    return CompressionPipeline(network=network, arch="alexnet", num_classes=info["num_classes"], datamodule=dm,
+    return CompressionPipeline(network=network, spec=NetworkSpec("alexnet", info["num_classes"]), datamodule=dm,
                                run_dir=run_dir, make_convergence=partial(Convergence, tol=1e-4, verbose=False),
                                trainer=TRAINER, cache_dir=Path(cache_dir), train_hparams=info.get("hparams") or {},
                                **kwargs)
@@ -143,7 +144,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(args: argparse.Namespace) -> None:
     state, info = read_checkpoint(args.checkpoint)
-    network = network_from_state(state, "alexnet", info["num_classes"]).eval()
+    network = network_from_state(state, NetworkSpec("alexnet", info["num_classes"])).eval()
     dm = FashionMNISTDataModule(root="data", batch_size=500, num_workers=2, val_fraction=0.1)
     dm.prepare_data()
     dm.setup("fit")

@@ -43,9 +43,10 @@ from compression.pipeline import CompressionPipeline
 from compression.settings import TrainerSettings
 from datamodules.fashion_mnist import FashionMNISTDataModule
 from grouplasso import SOLVERS, active_groups, lambda_max
+from models.registry import NetworkSpec
 from models.checkpoints import load_network, network_from_state, read_checkpoint, save_network
 from models.layers import analyse_layer
-from models.profile import count_macs, latency_ms
+from models.profile import count_macs, latencies_in_turns
 
 TRAINER = TrainerSettings(accelerator="cpu", enable_progress_bar=False)
 
@@ -96,11 +97,11 @@ def whole_network(args: argparse.Namespace, work: Path) -> dict:
         add("lasso", 1, budget, load_network(report["network"]))
     # The same widths as the first budget's run, by other means or other fine-tuning.
     budget = args.budgets[0]
-    tuned, _ = finetune(runs[f"{budget:g}"]["network_after_surgery"], "alexnet", 10, dm, FinetuneSettings(epochs=1, dropout=None), hparams,
+    tuned, _ = finetune(runs[f"{budget:g}"]["network_after_surgery"], NetworkSpec("alexnet", 10), dm, FinetuneSettings(epochs=1, dropout=None), hparams,
                         work / "lasso_dropout_as_trained", trainer)
     add("lasso, fine-tuned with the network's dropout (0.5)", 1, budget, tuned)
     widths = runs[f"{budget:g}"]["widths"]
-    loss_batches = CompressionPipeline(original, "alexnet", 10, dm, work)._loss_batches()
+    loss_batches = CompressionPipeline(original, NetworkSpec("alexnet", 10), dm, work)._loss_batches()
     for importance in ("magnitude", "taylor"):
         pruned = original
         for module, k in widths.items():
@@ -108,11 +109,11 @@ def whole_network(args: argparse.Namespace, work: Path) -> dict:
                                                  example_inputs=torch.zeros(1, *shape), loss_batches=loss_batches)
             assert kept == k, (module, k, kept)
         folder = work / f"torch_pruning_{importance}"
-        saved = save_network(pruned.eval(), folder / "pruned.pt", "alexnet", 10)
-        tuned, _ = finetune(saved, "alexnet", 10, dm, FinetuneSettings(epochs=1), hparams, folder, trainer)
+        saved = save_network(pruned.eval(), folder / "pruned.pt", NetworkSpec("alexnet", 10))
+        tuned, _ = finetune(saved, NetworkSpec("alexnet", 10), dm, FinetuneSettings(epochs=1), hparams, folder, trainer)
         add(f"torch_pruning_{importance}", 0, budget, load_network(saved))
         add(f"torch_pruning_{importance}", 1, budget, tuned)
-    latency = latency_side_by_side(networks, shape)
+    latency = {name: per[1] for name, per in latencies_in_turns(networks, shape).items()}
     reference = rows[0]
     for row in rows:
         row["latency_ms"] = latency[row["name"]]
@@ -124,25 +125,14 @@ def whole_network(args: argparse.Namespace, work: Path) -> dict:
     return {"runs": runs, "rows": rows}
 
 
-def latency_side_by_side(networks: dict[str, torch.nn.Module], shape: tuple, rounds: int = 7) -> dict[str, float]:
-    """Batch-1 CPU latency (ms) of every network, measured in turns (each round times every network
-    once, ``models.profile.latency_ms``), so that load on the machine affects all alike; the median
-    over rounds."""
-    times: dict[str, list[float]] = {name: [] for name in networks}
-    for _ in range(rounds):
-        for name, network in networks.items():
-            times[name].append(latency_ms(network, shape))
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-
-
 def conv4_solver(args: argparse.Namespace, work: Path) -> dict:
     state, info = read_checkpoint(args.checkpoint)
-    network = network_from_state(state, "alexnet", info["num_classes"]).eval()
+    network = network_from_state(state, NetworkSpec("alexnet", info["num_classes"])).eval()
     dm = FashionMNISTDataModule(root="data", batch_size=500, num_workers=2, val_fraction=0.1)
     dm.prepare_data()
     dm.setup("fit")
     passes = DataPasses(dm, "", TRAINER, None, work)  # no cache: the statistics pass is timed
-    pipeline = CompressionPipeline(network, "alexnet", 10, dm, work)
+    pipeline = CompressionPipeline(network, NetworkSpec("alexnet", 10), dm, work)
     start = time.perf_counter()
     _, problem, _ = pipeline.layer_problem(network, "features.8", passes)
     out = {"stats_seconds": time.perf_counter() - start, "K": problem.stats.K, "D": problem.stats.D,

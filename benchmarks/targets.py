@@ -27,7 +27,7 @@ import torch
 
 from cli.setup import configure_process
 from compress import main as compress
-from compression.passes import DataPasses, tail_accuracy
+from compression.passes import DataPasses
 from compression.settings import TrainerSettings
 from datamodules.fashion_mnist import FashionMNISTDataModule
 from lightning_modules.network_pass import run_pass
@@ -64,20 +64,20 @@ def evaluation_costs(checkpoint: str, report: dict, folder: Path) -> dict[str, f
     dm.setup("fit")
     passes = DataPasses(dm, "classifier", TrainerSettings(accelerator="cpu", enable_progress_bar=False),
                         folder / "cache", folder)
-    inputs, labels = passes.layer_inputs(network, "val", "classifier.4")
+    cut = passes.cut_inputs(network, "val", ["classifier.4"])
     V = network.get_submodule("classifier.4").weight.detach().clone()
     keep = torch.tensor(report["layers"][0]["kept_indices"])
     mask = torch.zeros(V.shape[1], dtype=torch.bool)
     mask[keep] = True
     V[:, ~mask] = 0
     start = time.perf_counter()
-    tail_accuracy(network, "classifier.4", inputs, labels, V)
+    passes.accuracy(network, cut, {"classifier.4": (V, 1)})
     candidate = time.perf_counter() - start
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False)
     start = time.perf_counter()
     run_pass(trainer, network, dm.val_dataloader())
     full = time.perf_counter() - start
-    return {"candidate_seconds": candidate, "full_pass_seconds": full, "val_samples": len(labels)}
+    return {"candidate_seconds": candidate, "full_pass_seconds": full, "val_samples": len(cut.labels)}
 
 
 def main() -> None:

@@ -14,26 +14,47 @@ replaces the one the config chose.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from pytorch_lightning.cli import LightningArgumentParser
 from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
 
 from callbacks.convergence import Convergence
+from compression import cache
 from compression.finetune import FinetuneSettings
 from compression.pipeline import CompressionPipeline
 from compression.report import format_report, write_report
 from compression.settings import Target, TrainerSettings
 from cli.base import ProjectCLI
 from lightning_modules.lasso import LassoCompression
-from models.checkpoints import network_from_state, read_checkpoint
+from models.checkpoints import network_from_state, network_spec, read_checkpoint
+from models.layers import format_layer_table, layer_table
+from models.profile import count_macs, module_macs
+from models.registry import NetworkSpec, default_input_shape
 
 
 # The ways to say how much to compress; the command line's choice replaces the config's.
 AMOUNT_KEYS = ("lambdas", "lambda_ratios", "target")
+TARGET_AMOUNTS = ("max_accuracy_drop", "width")  # the target's fields that are amounts (not how they are shared)
+
+
+def cache_limit(cache_dir: Optional[str], max_gb: Optional[float]) -> Optional[int]:
+    """``--cache_max_gb`` in bytes; by default half the free space of the cache's disk now."""
+    if cache_dir is None:
+        return None
+    if max_gb is not None:
+        if not max_gb > 0:
+            raise ValueError(f"--cache_max_gb must be a positive number of gigabytes, got {max_gb}")
+        return int(max_gb * cache.GB)
+    folder = Path(cache_dir).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free // 2
 
 
 class CompressCLI(ProjectCLI):
@@ -45,18 +66,38 @@ class CompressCLI(ProjectCLI):
         kwargs.setdefault("trainer_defaults", {"default_root_dir": "runs", "max_steps": 10_000})
         given = [arg.split("=", 1)[0] for arg in (sys.argv[1:] if args is None else args) if arg.startswith("--")]
         # e.g. {"lambdas"} or {"target.width"}: how the command line says how much to compress
-        self.amount_on_command_line = {arg[2:] for arg in given if arg[2:].split(".")[0] in AMOUNT_KEYS}
+        self.amount_on_command_line = {arg[2:] for arg in given if arg[2:].split(".")[0] in AMOUNT_KEYS
+                                       and (arg[2:] in AMOUNT_KEYS or arg[2:].split(".", 1)[1] in TARGET_AMOUNTS)}
         super().__init__(LassoCompression, args, **kwargs)
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """LightningCLI's trainer, model and data sections; data may be left out for ``--list_layers``."""
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        trainer_defaults = {"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"}
+        parser.set_defaults(trainer_defaults)
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data,
+                                        required=False)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--checkpoint", type=str, required=True,
                             help="Trained network: a Lightning checkpoint of train.py, a plain state dict "
                                  "(torchvision AlexNet) or the authors' VGG-19 file ({'net': state_dict}).")
-        parser.add_argument("--arch", type=Optional[str], default=None,
-                            help="alexnet or vgg19; read from the checkpoint when not given.")
+        parser.add_argument("--arch", type=Optional[Union[str, dict[str, Any]]], default=None,
+                            help="The network, when the checkpoint does not say (a plain state dict of a network "
+                                 "other than AlexNet, VGG-19 or a CIFAR ResNet): a short name (resnet56), a "
+                                 "torchvision model name (mobilenet_v2) or {class_path: ..., init_args: {...}}.")
+        parser.add_argument("--small_input", type=Optional[bool], default=None,
+                            help="With --arch: the torchvision network has the 32x32 stem (null: as the file says).")
         parser.add_argument("--layers", type=list[str], default=["last"],
-                            help="Layers to compress in this order: short names (first, pen, last; conv2.. for "
-                                 "convolutions) or module paths (features.10).")
+                            help="Layers to compress: short names (first, pen, last; conv2.. for convolutions), "
+                                 "module paths (features.10), glob patterns (layer*.*.conv2) or all.")
+        parser.add_argument("--list_layers", type=bool, default=False,
+                            help="Print every Linear and Conv2d layer: compressible or why not, its input neurons, "
+                                 "group size, coupled layers and share of the multiply-adds; then stop.")
+        parser.add_argument("--stats_images", type=Optional[int], default=None,
+                            help="Layer statistics (and the train loss) from the first this-many training images "
+                                 "(null: all).")
         parser.add_argument("--lambdas", type=Optional[list[float]], default=None,
                             help="Absolute penalty per layer (one value for all layers, or one per layer).")
         parser.add_argument("--lambda_ratios", type=Optional[list[float]], default=None,
@@ -76,6 +117,14 @@ class CompressCLI(ProjectCLI):
         parser.add_class_arguments(FinetuneSettings, "finetune")
         parser.add_argument("--cache_dir", type=Optional[str], default=".cache/passes",
                             help="Where head inputs, layer statistics and evaluations are cached (null: no cache).")
+        parser.add_argument("--cache_max_gb", type=Optional[float], default=None,
+                            help="The most the cache may hold, least recently used entries evicted first (null: "
+                                 "half the disk's free space when the run starts). `python -m compression.cache "
+                                 "list|prune|clear` shows and trims it.")
+        parser.add_argument("--export", type=Optional[str], default=None,
+                            help="onnx, torchscript or onnx,torchscript: also write compressed.onnx (and "
+                                 "original.onnx) with a dynamic batch, checked against PyTorch on validation images, "
+                                 "and measure ONNX Runtime's latency (pip install -e .[export]).")
         parser.add_argument("--checkpoint_every", type=int, default=200, help="Solver checkpoint interval (steps).")
         parser.add_argument("--report", type=Optional[str], default=None, help="Also write the report JSON here.")
         parser.add_argument("--resume", type=Optional[str], default=None,
@@ -89,21 +138,46 @@ class CompressCLI(ProjectCLI):
         target = dict(config.target)
         if not named:
             return {"lambdas": config.lambdas, "lambda_ratios": config.lambda_ratios, "target": Target(**target)}
-        if "target" not in named:  # only some target fields were named: the others are the config's
-            target = {k: v for k, v in target.items() if f"target.{k}" in named}
+        if "target" not in named:  # only some amount fields were named: the config's others are dropped
+            target = {k: v for k, v in target.items() if f"target.{k}" in named or k not in TARGET_AMOUNTS}
         return {"lambdas": config.lambdas if "lambdas" in named else None,
                 "lambda_ratios": config.lambda_ratios if "lambda_ratios" in named else None,
                 "target": Target(**target)}
 
+    def network(self) -> tuple[nn.Module, NetworkSpec, dict[str, Any]]:
+        """The trained network, how to rebuild it, and what the checkpoint says of its training."""
+        config = self.config
+        state, info = read_checkpoint(config.checkpoint, arch=config.arch)
+        spec = network_spec(info, small_input=config.small_input)
+        return network_from_state(state, spec, source=config.checkpoint), spec, info
+
+    def list_layers(self) -> str:
+        """The table of ``--list_layers`` for the checkpoint's network."""
+        network, spec, _ = self.network()
+        if self.datamodule is not None:
+            self.datamodule.prepare_data()
+            self.datamodule.setup("fit")
+            shape = tuple(self.datamodule.test_set[0][0].shape)
+        else:
+            shape = default_input_shape(spec)
+        table = format_layer_table(layer_table(network, macs=module_macs(network, shape)))
+        return f"{spec.label} ({'x'.join(map(str, shape))} inputs, {count_macs(network, shape):,} multiply-adds):\n{table}"
+
     def compress(self) -> dict[str, Any]:
         config = self.config
-        state, info = read_checkpoint(config.checkpoint)
-        arch = config.arch or info["arch"]
-        network = network_from_state(state, arch, info["num_classes"], source=config.checkpoint)
+        if config.list_layers:
+            text = self.list_layers()
+            rank_zero_info(text)
+            return {"layers_table": text}
+        if self.datamodule is None:
+            raise ValueError("compressing needs data: give a config with a data section (e.g. --config "
+                             "alexnet_fashion_compress) or --data.class_path ... (--list_layers alone does not)")
+        network, spec, info = self.network()
         logger = self.trainer.logger
         run_dir = Path(config.resume) if config.resume else Path(logger.log_dir if logger else "runs/compress")
+        amount = self.amount()
         pipeline = CompressionPipeline(
-            network=network, arch=arch, num_classes=info["num_classes"], datamodule=self.datamodule, run_dir=run_dir,
+            network=network, spec=spec, datamodule=self.datamodule, run_dir=run_dir,
             make_module=partial(LassoCompression, **dict(config.model)),
             make_convergence=partial(Convergence, **dict(config.convergence)),
             trainer=TrainerSettings.from_config(config.trainer),
@@ -112,8 +186,11 @@ class CompressCLI(ProjectCLI):
             train_hparams=info.get("hparams") or {}, baselines=config.baselines,
             conv_sampling={} if config.conv_positions is None else {"positions": config.conv_positions,
                                                                     "seed": config.seed_everything or 0},
+            train_limit=config.stats_images, candidate_images=amount["target"].candidate_images,
+            cache_max_bytes=cache_limit(config.cache_dir, config.cache_max_gb),
+            export=tuple(f.strip() for f in config.export.split(",")) if config.export else (),
         )
-        report = pipeline.run(list(config.layers), **self.amount(), path=config.path, path_ratios=config.path_ratios)
+        report = pipeline.run(list(config.layers), **amount, path=config.path, path_ratios=config.path_ratios)
         report["checkpoint"] = str(config.checkpoint)
         if pipeline.is_global_zero:
             written = write_report(report, run_dir, config.report, logger)

@@ -1,7 +1,8 @@
 """Bad input reaches a command-line user as one line and a non-zero exit status.
 
 The project raises ``ValueError`` (layer names, lambdas, targets, checkpoints that do not
-fit), ``FileNotFoundError`` (configs, data) and ``FloatingPointError`` (a diverging solve)
+fit), ``FileNotFoundError`` (configs, data), ``FloatingPointError`` (a diverging solve, a
+batch of non-finite activations) and ``compression.cache.CacheSpaceError`` (not enough disk)
 with messages that name the problem and the fix; a traceback adds nothing to them. Set
 ``NARROW_DEBUG=1`` to see it anyway. Anything else is a bug and keeps its traceback.
 """
@@ -11,7 +12,9 @@ import os
 import sys
 from typing import Any, Callable
 
-BAD_INPUT = (ValueError, FileNotFoundError, FloatingPointError)
+from compression.cache import CacheSpaceError
+
+BAD_INPUT = (ValueError, FileNotFoundError, FloatingPointError, CacheSpaceError)
 
 
 def run_command(main: Callable[[], Any]) -> None:

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from grouplasso import LassoStats, active_columns, active_groups, debias, group_norms, keep_groups
-from models.layers import LayerInfo
+from models.dependency import NeuronGroup
 from models.pruned import IndexedLinear
 
 BASELINES = ("magnitude", "magnitude_refit", "activation", "lasso", "lasso_refit")
@@ -197,19 +197,20 @@ def _torch_pruning() -> Any:
 
 def torch_pruning_network(
     network: nn.Module,
-    info: LayerInfo,
+    group: NeuronGroup,
     k: int,
     importance: str = "magnitude",
     *,
     example_inputs: Any,
     loss_batches: Optional[Iterable[tuple[Tensor, Tensor]]] = None,
 ) -> tuple[nn.Module, int]:
-    """A copy of ``network`` whose layer ``info.name`` reads exactly ``k`` neurons, pruned by
-    Torch-Pruning: the producer's output units (rows of a Linear, channels of a Conv2d; its
-    BatchNorm and the layer follow through Torch-Pruning's dependency graph) of lowest group
-    importance are removed. Returns the copy and the number of neurons the layer reads
-    afterwards, counted from the pruned module: a Linear layer's in_features /
-    ``info.positions``, a Conv2d layer's in_channels.
+    """A copy of ``network`` whose group of neurons ``group`` keeps exactly ``k`` of its channels,
+    pruned by Torch-Pruning: the first producer's output units (rows of a Linear, channels of a
+    Conv2d; every other module of the group follows through Torch-Pruning's own dependency
+    graph: BatchNorms, depthwise convolutions, the other producers and consumers of a residual
+    stream) of lowest group importance are removed. Returns the copy and the number of neurons
+    the first consumer reads afterwards, counted from the pruned module: a Linear layer's
+    in_features / its positions, a Conv2d layer's in_channels.
 
     ``importance``: ``"magnitude"`` (``tp.importance.GroupMagnitudeImportance()``) or
     ``"taylor"`` (``GroupTaylorImportance()``, gradients of the cross-entropy summed over
@@ -217,8 +218,8 @@ def torch_pruning_network(
     a batch the network accepts (the graph is built by tracing it). The network runs in eval
     mode for tracing and gradients (no BatchNorm statistics change; dropout off); the copy
     comes back in ``network``'s mode with no gradients. Ties in importance keep the lowest
-    indices. Raises ``ValueError`` when Torch-Pruning's group would change any module other
-    than the producer, its BatchNorm and the layer (e.g. a residual connection)."""
+    indices. Raises ``ValueError`` when Torch-Pruning's group would change any module outside
+    ``group.modules`` (its dependency graph and ours disagree)."""
     tp = _torch_pruning()
     if importance not in IMPORTANCES:
         raise ValueError(f"importance {importance!r}: choose one of {', '.join(IMPORTANCES)}")
@@ -226,18 +227,19 @@ def torch_pruning_network(
         raise ValueError("Taylor importance needs gradients: pass loss_batches, an iterable of (images, labels)")
     pruned = copy.deepcopy(network)
     modules = dict(pruned.named_modules())
-    producer, consumer = modules[info.producer], modules[info.name]
-    norm = modules[info.norm] if info.norm else None
-    if isinstance(consumer, IndexedLinear) or isinstance(producer, IndexedLinear):
+    first = group.consumers[0]
+    producer_name = group.producers[0]
+    producer = modules[producer_name]
+    if any(isinstance(modules[name], IndexedLinear) for name in group.modules):
         raise ValueError(
-            f"{info.name!r} or {info.producer!r} is an IndexedLinear (an already compressed layer), which "
-            "Torch-Pruning does not know how to prune: run the baseline on the uncompressed network"
+            f"the group of {first.name!r} has an IndexedLinear (an already compressed layer), which Torch-Pruning "
+            "does not know how to prune: run the baseline on the uncompressed network"
         )
     K = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
     k = _width(k)
     if not 1 <= k <= K:
-        raise ValueError(f"k = {k!r} neurons: must be an integer in 1..{K} ({info.producer!r} has {K} output units)")
-    allowed = {id(m) for m in (producer, consumer, norm) if m is not None}
+        raise ValueError(f"k = {k!r} neurons: must be an integer in 1..{K} ({producer_name!r} has {K} output units)")
+    allowed = {id(modules[name]) for name in group.modules}
     others = {name: _signature(m) for name, m in pruned.named_modules() if id(m) not in allowed}
 
     was_training = pruned.training
@@ -258,17 +260,17 @@ def torch_pruning_network(
                 if not seen:
                     raise ValueError("loss_batches is empty: Taylor importance needs at least one batch")
         fn = tp.prune_linear_out_channels if isinstance(producer, nn.Linear) else tp.prune_conv_out_channels
-        group = graph.get_pruning_group(producer, fn, idxs=list(range(K)))
-        _check_group(group, allowed, pruned, info)
+        tp_group = graph.get_pruning_group(producer, fn, idxs=list(range(K)))
+        _check_group(tp_group, allowed, pruned, group)
         scorer = (tp.importance.GroupMagnitudeImportance() if importance == "magnitude"
                   else tp.importance.GroupTaylorImportance())
-        scores = scorer(group)
+        scores = scorer(tp_group)
         if scores is None or scores.shape != (K,):
-            raise RuntimeError(f"Torch-Pruning returned no importance for the {K} units of {info.producer!r}")
+            raise RuntimeError(f"Torch-Pruning returned no importance for the {K} units of {producer_name!r}")
         drop = sorted(set(range(K)) - set(top_groups(scores.detach().double().cpu(), k).tolist()))
         if drop:
             prune_group = graph.get_pruning_group(producer, fn, idxs=drop)
-            _check_group(prune_group, allowed, pruned, info)
+            _check_group(prune_group, allowed, pruned, group)
             prune_group.prune()
     finally:
         for p, flag in requires_grad.items():
@@ -279,12 +281,12 @@ def torch_pruning_network(
 
     changed = [name for name, m in pruned.named_modules() if name in others and _signature(m) != others[name]]
     if changed:  # the group check above should make this impossible
-        raise RuntimeError(f"Torch-Pruning changed {', '.join(changed)} besides {info.producer!r}/{info.name!r}")
-    layer = pruned.get_submodule(info.name)
+        raise RuntimeError(f"Torch-Pruning changed {', '.join(changed)} besides the group of {first.name!r}")
+    layer = pruned.get_submodule(first.name)
     features = layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
-    if features % info.positions:
-        raise RuntimeError(f"{info.name!r} reads {features} features, not a multiple of {info.positions}")
-    return pruned, features // info.positions
+    if features % first.positions:
+        raise RuntimeError(f"{first.name!r} reads {features} features, not a multiple of {first.positions}")
+    return pruned, features // first.positions
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -303,11 +305,11 @@ def _signature(module: nn.Module) -> tuple:
     return tuple((name, tuple(t.shape)) for name, t in own)
 
 
-def _check_group(group: Any, allowed: set[int], network: nn.Module, info: LayerInfo) -> None:
-    """Refuse a Torch-Pruning group that would prune anything but the producer, its norm and
-    the layer (parameter-free operations such as ReLU, pooling and flatten are fine)."""
+def _check_group(tp_group: Any, allowed: set[int], network: nn.Module, group: NeuronGroup) -> None:
+    """Refuse a Torch-Pruning group that would prune anything outside ``group``'s modules
+    (parameter-free operations such as ReLU, pooling and flatten are fine)."""
     names = {id(m): name for name, m in network.named_modules()}
-    for item in group:
+    for item in tp_group:
         target = item.dep.target.module
         if id(target) in allowed:
             continue
@@ -315,6 +317,6 @@ def _check_group(group: Any, allowed: set[int], network: nn.Module, info: LayerI
                 any(True for _ in target.parameters()) or any(True for _ in target.buffers()))):
             what = names.get(id(target), type(target).__name__)
             raise ValueError(
-                f"removing output units of {info.producer!r} would also change {what!r} (Torch-Pruning's "
-                f"dependency group); the baseline only prunes {info.producer!r}, its norm and {info.name!r}"
+                f"removing output units of {group.producers[0]!r} would also change {what!r} (Torch-Pruning's "
+                f"dependency group), which is not in the group of {group.name!r} ({', '.join(group.modules)})"
             )

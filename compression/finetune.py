@@ -30,6 +30,7 @@ from torch import nn
 
 from lightning_modules.classifier import Classifier
 from models.checkpoints import network_from_state, read_checkpoint, save_network
+from models.registry import NetworkSpec
 from models.profile import layer_widths
 
 # Without the training run's hyper-parameters (a plain state dict, the authors' files).
@@ -123,8 +124,7 @@ class RestoreRNG(Callback):
 
 def finetune(
     network_file: Path,
-    arch: str,
-    num_classes: int,
+    spec: NetworkSpec,
     datamodule: pl.LightningDataModule,
     settings: FinetuneSettings,
     train_hparams: dict,
@@ -154,7 +154,7 @@ def finetune(
     """
     network_file, run_dir = Path(network_file), Path(run_dir)
     state, _ = read_checkpoint(network_file)
-    compressed = network_from_state(state, arch, num_classes, source=str(network_file))
+    compressed = network_from_state(state, spec, source=str(network_file))
     hparams = finetune_settings_from_training(train_hparams, settings)
     summary: dict[str, Any] = {"epochs": settings.epochs, "lr": hparams["lr"], "optimizer": hparams["optimizer"],
                                "weight_decay": hparams["weight_decay"], "dropout": settings.dropout,
@@ -173,7 +173,7 @@ def finetune(
             differences = ", ".join(f"{k}: {then} then, {now} now" for k, (then, now) in changed.items())
             raise ValueError(f"{done} was fine-tuned with other settings ({differences}); "
                              "delete that folder to fine-tune again")
-        network = network_from_state(done_state, arch, num_classes, source=str(done))
+        network = network_from_state(done_state, spec, source=str(done))
         _check_still_compressed(network, compressed, network_file)
         return network, previous
 
@@ -182,7 +182,8 @@ def finetune(
         raise ValueError(f"finetune sets {', '.join(reserved)} itself: leave them out of trainer_kwargs "
                          "(use settings.epochs, run_dir, logger, callbacks)")
     pl.seed_everything(seed, verbose=False)
-    module = Classifier(arch=arch, num_classes=num_classes, init_checkpoint=str(network_file), **hparams)
+    module = Classifier(arch=spec.arch, num_classes=spec.num_classes, small_input=spec.small_input,
+                        init_checkpoint=str(network_file), **hparams)
     if settings.dropout is not None:
         for layer in module.model.modules():
             if isinstance(layer, nn.Dropout):
@@ -207,7 +208,7 @@ def finetune(
     _check_still_compressed(network, compressed, network_file)
     if trainer.is_global_zero:
         tmp = done.with_suffix(".tmp")
-        save_network(network, tmp, arch, num_classes, finetune=summary)
+        save_network(network, tmp, spec, finetune=summary)
         os.replace(tmp, done)  # whole or absent: the marker of a finished run
     return network, summary
 

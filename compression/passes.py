@@ -2,41 +2,42 @@
 
 The network before the head runs once per split (``compression.features``); evaluations
 and layer statistics then run the head alone over the stored inputs, and their results
-are cached on disk by fingerprint (``compression.cache``). A layer's own inputs on the
-validation split are kept in memory for the target search, where a candidate costs one
-product with the layer's new weight and the rest of the head.
+are cached on disk by fingerprint (``compression.cache``). For the target search the value
+of one tensor before a group's consumers (``models.tail``) is kept in memory per split, so
+that a candidate costs the rest of the network with the consumers' new weights, read only
+at the groups the candidate keeps.
 """
 from __future__ import annotations
 
 import time
-from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import IterableDataset
 
 from compression.cache import describe, entry_path, load_entry, save_entry
 from compression.features import BlockFeatures, FeatureWriter
 from compression.settings import TrainerSettings
-from grouplasso import LassoStats, active_columns, active_groups
+from grouplasso import LassoStats
 from lightning_modules.network_pass import BlockInputPass, PassResult, require_samples, run_pass
-from models.pruned import IndexedLinear
-from models.tail import tail_after
+from models.tail import Narrowed, cut_before, prefix, tail
 
 
-def head_of(network: nn.Module, module: str) -> str:
-    """Where the passes for layer ``module`` start reading stored inputs: its parent module
-    path when that is an ``nn.Sequential`` that ends the network (AlexNet's and VGG-19's
-    ``classifier``), else ``""``, the network itself (a convolution: its passes read the
-    images). ``BlockInputPass`` checks on the first batch that the head's output is the
-    network's output."""
-    parent = module.rpartition(".")[0]
+def head_of(network: nn.Module, modules: Sequence[str]) -> str:
+    """Where the passes for layers ``modules`` start reading stored inputs: their common parent
+    module path when that is an ``nn.Sequential`` that ends the network (AlexNet's and VGG-19's
+    ``classifier``), else ``""``, the network itself (convolutions, residual networks: their
+    passes read the images). ``BlockInputPass`` checks on the first batch that the head's
+    output is the network's output."""
+    parents = {module.rpartition(".")[0] for module in modules}
+    if len(parents) != 1:
+        return ""
+    parent = parents.pop()
     children = [name for name, _ in network.named_children()]
     if parent and parent in children and isinstance(network.get_submodule(parent), nn.Sequential) \
             and children[-1] == parent:
@@ -81,18 +82,29 @@ class DataPasses:
     # Output positions sampled per image for a convolution's statistics (``NetworkPass``'s
     # ``positions`` and ``seed``); empty: all positions.
     conv_sampling: dict[str, Any] = field(default_factory=dict)
+    # Only the first this-many training images for statistics and the train loss (None: all).
+    train_limit: Optional[int] = None
     seconds: dict[str, float] = field(default_factory=dict)  # time of each split's pass up to the head
     _done: dict[str, tuple[PassResult, float]] = field(default_factory=dict, repr=False)
     _shard: Optional[str] = field(default=None, repr=False)
+    # Bytes ``cache_dir`` may hold (``--cache_max_gb``; None: no limit): writing an entry first
+    # evicts the least recently used ones (``compression.cache.reserve``).
+    cache_max_bytes: Optional[int] = None
 
     def loader(self, split: str) -> Any:
         dm = self.datamodule
-        return {"train": dm.train_eval_dataloader, "val": dm.val_dataloader, "test": dm.test_dataloader}[split]()
+        if split == "train":
+            return dm.train_eval_dataloader(self.train_limit)
+        return {"val": dm.val_dataloader, "test": dm.test_dataloader}[split]()
+
+    def _limit(self, split: str) -> Optional[int]:
+        return self.train_limit if split == "train" else None
 
     def features(self, network: nn.Module, split: str) -> BlockFeatures:
         """This process's stored head inputs of ``split``, made by one pass up to the head if needed
         (only for a head inside the network: the network's own inputs are the data set's)."""
-        description = describe(network, f"head-{self.head}", self.datamodule, split, skip_prefix=self.head)
+        description = describe(network, [f"head-{self.head}"], self.datamodule, split, skip_prefix=self.head,
+                               limit=self._limit(split))
         if self._shard is None:  # a Trainer knows this process's rank before DDP starts
             probe = self.trainer.data_parallel()
             self._shard = f"rank{probe.global_rank}of{probe.world_size}"
@@ -101,7 +113,8 @@ class DataPasses:
             return BlockFeatures.open(path)
         trainer = self.trainer.data_parallel()
         start = time.perf_counter()
-        writer = FeatureWriter(path)
+        writer = FeatureWriter(path, samples=description["samples"], description=description,
+                               max_bytes=self.cache_max_bytes if self.cache_dir else None)
         trainer.predict(BlockInputPass(network, self.head, writer), dataloaders=self.loader(split),
                         return_predictions=False)
         network.cpu()
@@ -110,12 +123,13 @@ class DataPasses:
         self.seconds[split] = self.seconds.get(split, 0.0) + time.perf_counter() - start
         return features
 
-    def evaluate(self, network: nn.Module, split: str, layer: Optional[str] = None) -> tuple[PassResult, float]:
-        """Loss and accuracy of ``network`` on ``split`` (and the statistics of ``layer``, a module
-        path inside the head), from the cache when possible; returns the result and the seconds
-        spent (0 for a cache hit)."""
-        description = describe(network, layer, self.datamodule, split)
-        if layer is not None and self.conv_sampling and isinstance(network.get_submodule(layer), nn.Conv2d):
+    def evaluate(self, network: nn.Module, split: str, layers: Sequence[str] = ()) -> tuple[PassResult, float]:
+        """Loss and accuracy of ``network`` on ``split`` (and the statistics of ``layers``, module
+        paths inside the head, all in the same pass), from the cache when possible; returns the
+        result and the seconds spent (0 for a cache hit)."""
+        layers = tuple(layers)
+        description = describe(network, layers, self.datamodule, split, limit=self._limit(split))
+        if self.conv_sampling and any(isinstance(network.get_submodule(layer), nn.Conv2d) for layer in layers):
             description["conv_sampling"] = repr(sorted(self.conv_sampling.items()))
         key = repr(sorted(description.items()))
         if key in self._done:  # computed earlier in this run: the time it took then
@@ -131,92 +145,89 @@ class DataPasses:
         else:  # the head is the network: read the data set (sharded by the Trainer under DDP)
             trainer, loader = self.trainer.data_parallel(), self.loader(split)
         result = run_pass(trainer, network.get_submodule(self.head), loader,
-                          relative_name(self.head, layer) if layer else None, **self.conv_sampling)
+                          [relative_name(self.head, layer) for layer in layers], **self.conv_sampling)
+        if result.stats is not None:
+            result.stats = {layer: result.stats[relative_name(self.head, layer)] for layer in layers}
         network.cpu()
         seconds = time.perf_counter() - start
         if self.cache_dir and trainer.is_global_zero:
-            save_entry(self.cache_dir, description, _to_entry(result))
+            save_entry(self.cache_dir, description, _to_entry(result), max_bytes=self.cache_max_bytes)
         self._done[key] = (result, seconds)
         return result, seconds
 
-    def layer_inputs(self, network: nn.Module, split: str, layer: str) -> tuple[Tensor, Tensor]:
-        """The inputs of ``layer`` on this process's shard of ``split`` (as the layer reads them:
-        an ``IndexedLinear`` sees its selected inputs; a convolution its (n, C, H, W) maps) and
-        the labels (n,), in memory."""
+    def cut_inputs(self, network: nn.Module, split: str, layers: Sequence[str],
+                   limit: Optional[int] = None) -> "CutInputs":
+        """The value, on this process's shard of ``split``, of the tensor just before ``layers``
+        (``models.tail.cut_before``: for a chain the first layer's input, for a residual network
+        the input of the block), with the labels, in memory: what a candidate's accuracy is
+        computed from. ``limit``: only (about) the first this-many samples of the shard, in whole
+        batches."""
         head = network.get_submodule(self.head).eval()
-        module = network.get_submodule(layer)
+        relative = [relative_name(self.head, layer) for layer in layers]
+        cut = cut_before(head, relative)
+        front = prefix(head, cut)
         device = self.trainer.compute_device
-        inputs: list[Tensor] = []
-
-        def record(_: nn.Module, args: tuple[Tensor, ...]) -> None:
-            x = args[0]
-            inputs.append((x.index_select(-1, module.index) if isinstance(module, IndexedLinear) else x).cpu())
-            raise _LayerReached
-
         if self.head:
             batches: Iterator = self.features(network, split).batches(self.batch_size)
         else:  # this process's share of the data set's batches
             rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
                 else (0, 1)
             batches = (batch for i, batch in enumerate(self.loader(split)) if i % world == rank)
-        hook = module.register_forward_pre_hook(record)
-        labels = []
+        inputs, labels = [], []
+        front.to(device)
         try:
-            head.to(device)
             with torch.no_grad():
                 for x, y in batches:
-                    try:
-                        head(x.to(device))
-                    except _LayerReached:
-                        pass
+                    if limit is not None and sum(map(len, labels)) >= limit:
+                        break
+                    inputs.append(front(x.to(device)).cpu())
                     labels.append(y)
         finally:
-            hook.remove()
             head.cpu()
-        return torch.cat(inputs), torch.cat(labels)
+        return CutInputs(self.head, cut, torch.cat(inputs), torch.cat(labels))
+
+    def accuracy(self, network: nn.Module, cut: "CutInputs", weights: dict[str, tuple[Tensor, int]],
+                 batch_size: int = 4096) -> float:
+        """Accuracy over all processes of ``network`` with the layers in ``weights`` (module path ->
+        (V in the layer's problem layout (D, K), its group size)) given those weights, computed
+        from ``cut``'s stored tensor: ``models.tail.tail`` with the layers ``Narrowed`` to V's
+        nonzero groups."""
+        head = network.get_submodule(self.head).eval()
+        replace = {relative_name(self.head, layer): Narrowed(network.get_submodule(layer), V, group)
+                   for layer, (V, group) in weights.items()}
+        rest = tail(head, cut.cut, replace).eval()
+        device = self.trainer.compute_device
+        rest.to(device)
+        correct = torch.zeros((), dtype=torch.float64)
+        try:
+            with torch.no_grad():
+                for start in range(0, len(cut.inputs), batch_size):
+                    logits = rest(cut.inputs[start:start + batch_size].to(device))
+                    correct += (logits.argmax(1).cpu() == cut.labels[start:start + batch_size]).sum()
+        finally:
+            head.cpu()
+        n = all_reduce_sum(torch.tensor(float(len(cut.labels)), dtype=torch.float64))
+        return float(all_reduce_sum(correct) / require_samples(int(n.item())))
 
 
-class _LayerReached(Exception):
-    """The layer's inputs are recorded; the rest of the head is not needed."""
+@dataclass
+class CutInputs:
+    """The value of node ``cut`` of the traced head ``head`` on one split (this process's shard),
+    and the labels: ``inputs`` (n, ...), ``labels`` (n,)."""
 
-
-def tail_accuracy(network: nn.Module, layer: str, inputs: Tensor, labels: Tensor, V: Tensor,
-                  group: int = 1, batch_size: int = 4096) -> float:
-    """Accuracy over all processes of ``network`` with ``layer``'s weight replaced by ``V``
-    (D, K; a convolution's flattened (D, C*kh*kw) weight), from the layer's stored ``inputs``:
-    the layer's product with V, then ``models.tail.tail_after``. Only V's nonzero groups of
-    ``group`` columns (input neurons or channels) are read."""
-    module = network.get_submodule(layer)
-    rest = tail_after(network, layer).eval()
-    device = inputs.device
-    keep = active_groups(V, group).to(device)
-    bias = None if module.bias is None else module.bias.detach().to(device, torch.float32)
-    if isinstance(module, nn.Conv2d):
-        W = V.reshape(module.weight.shape)[:, keep].to(device, torch.float32)
-        product = partial(F.conv2d, weight=W, bias=bias, stride=module.stride, padding=module.padding,
-                          dilation=module.dilation)
-        select = 1
-    else:
-        columns = active_columns(V, group).to(device)
-        W = V[:, columns].to(device, torch.float32)
-        product, select, keep = partial(F.linear, weight=W, bias=bias), -1, columns
-    rest.to(device)
-    correct = torch.zeros((), dtype=torch.float64)
-    with torch.no_grad():
-        for start in range(0, len(inputs), batch_size):
-            y = product(inputs[start:start + batch_size].index_select(select, keep))
-            correct += (rest(y).argmax(1).cpu() == labels[start:start + batch_size]).sum()
-    rest.cpu()
-    n = all_reduce_sum(torch.tensor(float(len(labels)), dtype=torch.float64))
-    return float(all_reduce_sum(correct) / require_samples(int(n.item())))
+    head: str
+    cut: str
+    inputs: Tensor
+    labels: Tensor
 
 
 def _to_entry(result: PassResult) -> dict[str, Any]:
-    stats = None if result.stats is None else {k: (v.cpu() if isinstance(v, Tensor) else v)
-                                               for k, v in vars(result.stats).items()}
+    stats = None if result.stats is None else {
+        layer: {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in vars(layer_stats).items()}
+        for layer, layer_stats in result.stats.items()}
     return {"loss": result.loss, "accuracy": result.accuracy, "n": result.n, "stats": stats}
 
 
 def _from_entry(entry: dict[str, Any]) -> PassResult:
-    stats = None if entry["stats"] is None else LassoStats(**entry["stats"])
+    stats = None if entry["stats"] is None else {layer: LassoStats(**v) for layer, v in entry["stats"].items()}
     return PassResult(loss=entry["loss"], accuracy=entry["accuracy"], n=entry["n"], stats=stats)

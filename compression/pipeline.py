@@ -1,15 +1,20 @@
 """Layer-by-layer compression of a trained network, from statistics to a smaller network.
 
-``CompressionPipeline.run`` has three parts:
-1. ``plan``: every input checked once, before any pass over the data (layer names,
-   lambdas, ratios, targets), so that a mistake costs nothing;
-2. ``compress_layer`` for every requested layer, in order, on the network compressed so
-   far: the layer's statistics over the training split (through the head-input cache of
-   ``compression.passes``), the lambda (given, a ratio of lambda_max, or searched for a
-   target by ``compression.search``), an optional regularisation path, the certified
-   solve (``LassoCompression`` with a fresh Trainer per solve, stopped by
-   ``Convergence``, checkpointed so that an interrupted run resumes), optional debiasing,
-   then surgery: the neurons feeding zero columns are deleted;
+The unit of work is a group of neurons (``models.dependency.NeuronGroup``): the channels
+feeding a named layer, with every layer that reads them (the consumers, whose weights the
+lasso solves for) and every module that loses them. ``CompressionPipeline.run`` has three
+parts:
+1. ``plan``: every input checked once, before any pass over the data (layer names, globs,
+   lambdas, ratios, targets), so that a mistake costs nothing; layers that read the same
+   group are one compression;
+2. the groups, in network order, either one by one on the network compressed so far
+   (``compress_layer``: the consumers' statistics over the training split, through the
+   head-input cache of ``compression.passes``; the lambda, given, a ratio of lambda_max,
+   or searched for a target by ``compression.search``; an optional regularisation path;
+   the certified solve (``LassoCompression`` with a fresh Trainer per solve, stopped by
+   ``Convergence``, checkpointed so that an interrupted run resumes); optional debiasing;
+   then surgery) or, for an accuracy budget shared by what each group's candidates buy
+   (``allocate``), all candidates first, one knapsack choice, and one surgery;
 3. ``finish``: the smaller network saved (``models.checkpoints.save_network``), optional
    recovery fine-tuning (``compression.finetune``), and the before/after report.
 """
@@ -20,7 +25,7 @@ import shutil
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -30,18 +35,26 @@ from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
 from callbacks.convergence import Convergence
+from compression.allocation import Option, choose
 from compression.baselines import IMPORTANCES, equal_width_weights, torch_pruning_available, torch_pruning_network
 from compression.finetune import FinetuneSettings, finetune
 from compression.layer_problem import LayerProblem
-from compression.passes import DataPasses, head_of, tail_accuracy
+from compression.passes import CutInputs, DataPasses, head_of
 from compression.search import Candidate, LambdaSearch
 from compression.settings import Target, TrainerSettings
 from grouplasso import LassoStats, active_columns, active_groups, check_lambda, debias, lambda_max, mse, objective
 from lightning_modules.lasso import LassoCompression
 from models.checkpoints import save_network
-from models.layers import LayerInfo, analyse_layer, layer_width, resolve_layer_name
-from models.profile import count_macs, count_parameters, latency_ms, layer_widths
-from models.surgery import remove_neurons
+from models.dependency import NeuronGroup, analyse_network
+from models.layers import analyse_layer, group_width, resolve_layers
+from models.profile import count_macs, count_parameters, latencies_in_turns, latency_ms, layer_widths, module_macs
+from models.registry import NetworkSpec
+from models.export import check_onnx, check_torchscript, export_onnx, export_torchscript, onnx_latency_ms
+from models.surgery import prune_channels, remove_neurons, used_channels, with_weights
+from compression import cache
+
+# format -> (writer, checker, file extension)
+EXPORTERS = {"onnx": (export_onnx, check_onnx, "onnx"), "torchscript": (export_torchscript, check_torchscript, "ts.pt")}
 
 
 @dataclass
@@ -78,13 +91,16 @@ class Solution:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """What to do with one layer: ``how`` is ``lambda``, ``ratio``, ``width`` or ``accuracy``;
-    ``value`` the lambda, the ratio of lambda_max, the width, or the accuracy floor (a fraction)."""
+    """What to do with one group of neurons: ``layer`` is the name the user gave (or the module
+    path a pattern matched), ``module`` its module path, ``joined`` other listed layers that read
+    the same group; ``how`` is ``lambda``, ``ratio``, ``width`` or ``accuracy``; ``value`` the
+    lambda, the ratio of lambda_max, the width, or the accuracy budget (points) of this group."""
 
     layer: str
     module: str
     how: str
     value: float
+    joined: tuple[str, ...] = ()
 
 
 def check_ratio(ratio: float, what: str = "lambda ratio") -> float:
@@ -95,21 +111,29 @@ def check_ratio(ratio: float, what: str = "lambda ratio") -> float:
 
 def _per_layer(values: list, layers: list[str], what: str) -> list:
     if len(values) not in (1, len(layers)):
-        raise ValueError(f"give one {what} for all layers or one per layer ({len(layers)}), got {len(values)}")
+        raise ValueError(f"give one {what} for all layers or one per compressed group ({len(layers)}: "
+                         f"{', '.join(layers)}), got {len(values)}")
     return list(values) * len(layers) if len(values) == 1 else list(values)
+
+
+def _safe_tag(layer: str) -> str:
+    return layer.replace("/", "_")
 
 
 @dataclass
 class CompressionPipeline:
-    """Compress ``network`` (in eval mode) layer by layer; see the module doc.
+    """Compress ``network`` (in eval mode) group by group; see the module doc.
 
+    ``spec`` says how to rebuild the network (saved with the compressed one);
     ``make_module(**overrides)`` builds a ``LassoCompression`` with the config's solver
     settings, ``make_convergence()`` the stopping rule, ``trainer`` makes every Trainer.
+    ``train_limit``: the training images the statistics (and the train loss) read (None: all);
+    ``candidate_images``: the validation images an allocation's candidates are judged on
+    (None: all; the chosen set is always re-validated on all of them).
     """
 
     network: nn.Module
-    arch: str
-    num_classes: int
+    spec: NetworkSpec
     datamodule: pl.LightningDataModule
     run_dir: Path
     make_module: Callable[..., LassoCompression] = LassoCompression
@@ -123,6 +147,11 @@ class CompressionPipeline:
     train_hparams: dict[str, Any] = field(default_factory=dict)
     baselines: bool = False
     conv_sampling: dict[str, Any] = field(default_factory=dict)
+    train_limit: Optional[int] = None
+    candidate_images: Optional[int] = None
+    max_tries: int = 6  # re-validations of an allocation
+    cache_max_bytes: Optional[int] = None  # what ``cache_dir`` may hold (``compression.cache``)
+    export: tuple[str, ...] = ()  # "onnx", "torchscript": files written and checked at the end
 
     @property
     def is_global_zero(self) -> bool:
@@ -133,15 +162,31 @@ class CompressionPipeline:
     def solver(self) -> str:
         return self.make_module().hparams.solver
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.datamodule.test_set[0][0].shape)
+
     # --- 1. inputs, checked once ------------------------------------------------------------
     def plan(self, layers: list[str], lambdas: Optional[list[float]] = None,
              lambda_ratios: Optional[list[float]] = None, target: Optional[Target] = None) -> list[LayerPlan]:
-        """One ``LayerPlan`` per layer; raises ``ValueError`` naming the problem and the fix."""
+        """One ``LayerPlan`` per group of neurons; raises ``ValueError`` naming the problem and the fix."""
         if not layers:
-            raise ValueError("no layers to compress: set layers, e.g. [pen, last]")
-        modules = [resolve_layer_name(self.network, layer, self.arch) for layer in layers]  # errors list valid names
-        # refuses layers whose inputs are not removable neurons, with the reason
-        infos = [analyse_layer(self.network, module) for module in modules]
+            raise ValueError("no layers to compress: set layers, e.g. [pen, last], [all] or ['layer*.*.conv1']")
+        analysis = analyse_network(self.network)
+        named: list[tuple[str, str]] = []  # (the name shown, module path)
+        for name in layers:
+            paths = resolve_layers(self.network, [name], self.spec.arch, analysis)  # errors list valid names
+            named += [(name if len(paths) == 1 and paths[0] != name and "*" not in name and name != "all" else path,
+                       path) for path in paths]
+        units: dict[str, list[tuple[str, str]]] = {}  # the group's name -> the listed layers reading it
+        for shown, path in named:
+            units.setdefault(analysis.group_of(path).name, []).append((shown, path))
+        # network order (of each group's first consumer), as the budget and the surgery assume
+        order = {layer: i for i, layer in enumerate(analysis.layers)}
+        if any("*" in name or name == "all" for name in layers):
+            units = dict(sorted(units.items(), key=lambda item: order[item[0]]))
+        groups = [analysis.group_of(members[0][1]) for members in units.values()]
+        labels = [members[0][0] for members in units.values()]
         target = target or Target()
         chosen = [name for name, given in (("lambdas", lambdas), ("lambda_ratios", lambda_ratios),
                                            ("target.width", target.width),
@@ -151,14 +196,15 @@ class CompressionPipeline:
                              "validation accuracy), --target.width, --lambda_ratios (fractions of lambda_max) or "
                              f"--lambdas; got {', '.join(chosen) or 'none'}")
         if lambdas is not None:
-            values, how = [check_lambda(v) for v in _per_layer(lambdas, layers, "lambda")], "lambda"
+            values, how = [check_lambda(v) for v in _per_layer(lambdas, labels, "lambda")], "lambda"
         elif lambda_ratios is not None:
-            values, how = [check_ratio(v) for v in _per_layer(lambda_ratios, layers, "lambda ratio")], "ratio"
+            values, how = [check_ratio(v) for v in _per_layer(lambda_ratios, labels, "lambda ratio")], "ratio"
         elif target.width is not None:
-            values, how = _per_layer(target.width, layers, "width"), "width"
-            for layer, info, k in zip(layers, infos, values):
-                K = layer_width(self.network, info)
-                unit = "input neurons" if info.group == 1 else "input channels"
+            values, how = _per_layer(target.width, labels, "width"), "width"
+            for layer, group, k in zip(labels, groups, values):
+                K = group_width(self.network, group)
+                unit = "input neurons" if group.consumers[0].kind == "linear" and group.consumers[0].group == 1 \
+                    else "input channels"
                 if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= K:
                     raise ValueError(f"target width {k!r} for {layer!r} is not possible: it has {K} {unit}; "
                                      f"choose 1 to {K}")
@@ -167,13 +213,18 @@ class CompressionPipeline:
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < 100:
                 raise ValueError(f"target.max_accuracy_drop is in percentage points of validation accuracy, from 0 "
                                  f"(no loss allowed) to below 100; got {budget!r}")
-            # Shared out in equal parts, cumulatively: after layer i of n the network may have lost
-            # i/n of the budget, so what one layer leaves unused passes to the next.
-            values, how = [budget * (i + 1) / len(layers) for i in range(len(layers))], "accuracy"
+            if target.share == "cumulative" or len(labels) == 1:
+                # Shared out in equal parts, cumulatively: after layer i of n the network may have lost
+                # i/n of the budget, so what one layer leaves unused passes to the next.
+                values = [budget * (i + 1) / len(labels) for i in range(len(labels))]
+            else:  # ``allocate`` shares the whole budget by what each group's candidates buy
+                values = [float(budget)] * len(labels)
+            how = "accuracy"
         if how in ("width", "accuracy") and self.solver == "paper_adam":
             raise ValueError("targets need a certified solver (model.solver: auto); paper_adam reproduces the paper's "
                              "absolute lambdas: give them with --lambdas")
-        return [LayerPlan(layer, module, how, float(v)) for layer, module, v in zip(layers, modules, values)]
+        return [LayerPlan(label, members[0][1], how, float(v), tuple(shown for shown, _ in members[1:]))
+                for label, members, v in zip(labels, units.values(), values)]
 
     # --- solving ----------------------------------------------------------------------------
     def solve(self, stats: LassoStats, lam: float, W: Tensor, layer: str, tag: str, V0: Optional[Tensor] = None,
@@ -232,17 +283,15 @@ class CompressionPipeline:
         )
 
     def regularisation_path(self, network: nn.Module, problem: LayerProblem, lambdas: list[float], plan: LayerPlan,
-                            test: tuple[Tensor, Tensor]) -> list[dict[str, Any]]:
+                            passes: DataPasses, test: CutInputs) -> list[dict[str, Any]]:
         """Solve for every lambda, largest first, each warm-started from the previous solution;
-        evaluate each on the test set from the layer's stored ``test`` inputs and labels; each
-        row keeps its solution under ``V`` for the baselines at the same width."""
-        inputs, labels = test
+        evaluate each on the test set from the stored ``test`` cut; each row keeps its solution
+        under ``V`` for the baselines at the same width."""
         stats, top, rows, V0 = problem.stats, lambda_max(problem.stats), [], None
         for lam in sorted(lambdas, reverse=True):
-            solution = self.solve(stats, lam, problem.W, plan.layer, tag=f"{plan.layer}-lam{lam:.9g}", V0=V0)
+            solution = self.solve(stats, lam, problem.W, plan.layer, tag=f"{_safe_tag(plan.layer)}-lam{lam:.9g}", V0=V0)
             V0 = solution.V
-            accuracy = tail_accuracy(network, plan.module, inputs, labels, problem.weight(self._final(stats, solution.V)),
-                                     problem.layer_group)
+            accuracy = passes.accuracy(network, test, problem.weights_with_groups(self._final(stats, solution.V)))
             rows.append({**solution.summary(stats), "ratio": lam / top, "test_accuracy": accuracy, "V": solution.V})
         return rows
 
@@ -250,80 +299,95 @@ class CompressionPipeline:
         """What surgery uses of a solution: V, or its least-squares refit with ``debias``."""
         return debias(stats, V) if self.debias else V
 
-    # --- 2. one layer ------------------------------------------------------------------------
-    def layer_problem(self, network: nn.Module, module: str, passes: DataPasses) -> tuple[LayerInfo, LayerProblem, float]:
-        """The layer's analysis, its problem on the training split's statistics (grouped by the
-        layer's input neurons or channels, folded where inputs repeat), and the seconds the
-        statistics took (0 from the cache)."""
-        info = analyse_layer(network, module)
-        train, seconds = passes.evaluate(network, "train", module)
-        weight = network.get_submodule(module).weight.detach()
-        problem = LayerProblem.of(replace(train.stats, group=info.group), weight.reshape(weight.shape[0], -1))
-        return info, problem, seconds
+    # --- 2. one group ------------------------------------------------------------------------
+    def layer_problem(self, network: nn.Module, module: str, passes: DataPasses
+                      ) -> tuple[NeuronGroup, LayerProblem, float]:
+        """The group feeding ``module``, its problem on the training split's statistics (its
+        consumers' problems, grouped by channel, folded where inputs repeat, stacked when several
+        layers read the group), and the seconds the statistics took (0 from the cache)."""
+        group = analyse_layer(network, module)
+        train, seconds = passes.evaluate(network, "train", [c.name for c in group.consumers])
+        return group, LayerProblem.of_group(network, group, train.stats), seconds
 
-    def compress_layer(self, network: nn.Module, plan: LayerPlan, passes: DataPasses, reference: dict[str, Any],
-                       path: Optional[list[float]], path_ratios: Optional[list[float]]) -> tuple[nn.Module, dict]:
-        """Statistics, lambda, solve, surgery for one layer; returns the smaller network and the report entry."""
-        info, problem, stats_seconds = self.layer_problem(network, plan.module, passes)
-        stats = problem.stats
-        top = lambda_max(stats)
-        entry: dict[str, Any] = {"layer": plan.layer, "module": plan.module, "kind": info.kind,
-                                 **problem.describe(), "lambda_max": top, "width_before": problem.groups,
-                                 "stats_seconds": round(stats_seconds, 2), "samples": stats.n, "chosen_by": plan.how,
-                                 "debiased": self.debias}
-        if info.kind == "conv" and passes.conv_sampling:
+    def _entry(self, network: nn.Module, plan: LayerPlan, group: NeuronGroup, problem: LayerProblem,
+               stats_seconds: float, passes: DataPasses) -> dict[str, Any]:
+        module = network.get_submodule(plan.module)
+        entry: dict[str, Any] = {"layer": plan.layer, "module": plan.module,
+                                 "kind": "conv" if isinstance(module, nn.Conv2d) else "linear",
+                                 **problem.describe(), "neurons": group.describe(), "lambda_max": lambda_max(problem.stats),
+                                 "width_before": problem.groups, "stats_seconds": round(stats_seconds, 2),
+                                 "samples": problem.stats.n, "chosen_by": plan.how, "debiased": self.debias}
+        if plan.joined:
+            entry["joined"] = list(plan.joined)
+        if passes.conv_sampling and any(c.kind == "conv" for c in group.consumers):
             entry["conv_sampling"] = dict(passes.conv_sampling)
-        rows = None
-        test = passes.layer_inputs(network, "test", plan.module) if path or path_ratios or self.baselines else None
-        if path or path_ratios:
-            lambdas = path or [check_ratio(r, "path ratio") * top for r in path_ratios]
-            rows = self.regularisation_path(network, problem, lambdas, plan, test)
-        solution: Optional[Solution] = None
-        if plan.how in ("lambda", "ratio"):
-            lam = plan.value if plan.how == "lambda" else plan.value * top
-            self._check_below_lambda_max(lam, top, plan.layer)
-            solution = self.solve(stats, lam, problem.W, plan.layer, tag=f"{plan.layer}-lam{lam:.9g}")
-            V = solution.V
-        else:
-            found = self._search(network, problem, plan, passes, reference, entry)
-            V = problem.W.to(torch.float64) if found is None else found.V
-            if found is not None:
-                solution = Solution(V=found.V, lam=found.lam, rel_gap=found.rel_gap, steps=0, seconds=found.seconds,
-                                    reason=f"searched: {found.resolved} ({len(entry['candidates'])} candidates)")
+        return entry
+
+    def _finish_entry(self, entry: dict[str, Any], problem: LayerProblem, solution: Optional[Solution],
+                      V: Tensor) -> Tensor:
+        """Complete ``entry`` with the solution (or the full width when there is none); returns the
+        weights surgery uses (refit with ``debias``)."""
+        stats = problem.stats
         if solution is not None:
             entry.update(solution.summary(stats))
-            entry["ratio"] = solution.lam / top
-        else:  # the budget is missed even at full width: the layer stays as it is
+            entry["ratio"] = solution.lam / entry["lambda_max"]
+        else:  # the budget is missed even at full width: the group stays as it is
             entry.update({"lambda": 0.0, "ratio": 0.0, "active": problem.groups, "mse": mse(stats, V),
                           "objective": mse(stats, V), "rel_gap": 0.0, "steps": 0, "seconds": 0.0,
                           "stop": "kept at full width: no candidate met the accuracy budget"})
-        if rows is not None:
-            entry["path"] = rows
-        if self.solver == "paper_adam" and solution is not None:
-            entry["certified_same_width"] = self._certified_at_width(problem, plan, entry["active"])
-        if self.baselines and solution is not None:
-            widths = sorted({r["active"] for r in rows or []} | {entry["active"]}, reverse=True)
-            entry["baselines"] = self.compare_baselines(network, info, problem, plan, passes, test, widths,
-                                                        {entry["active"]: V, **{r["active"]: r.pop("V") for r in rows or []}})
-        for r in rows or []:
-            r.pop("V", None)
         V = self._final(stats, V) if solution is not None else V
         # the neurons (or channels) kept, numbered as before this layer
         entry["kept_indices"] = active_groups(V, problem.group).tolist()
         entry["width_after"] = len(entry["kept_indices"])
         if self.debias:
             entry["mse_debiased"] = mse(stats, V)
-        return remove_neurons(network, info, problem.weight(V)).eval(), entry
+        return V
 
-    def compare_baselines(self, network: nn.Module, info: LayerInfo, problem: LayerProblem, plan: LayerPlan,
-                          passes: DataPasses, test: tuple[Tensor, Tensor], widths: list[int],
+    def compress_layer(self, network: nn.Module, plan: LayerPlan, passes: DataPasses, reference: dict[str, Any],
+                       path: Optional[list[float]], path_ratios: Optional[list[float]]) -> tuple[nn.Module, dict]:
+        """Statistics, lambda, solve, surgery for one group; returns the smaller network and the report entry."""
+        group, problem, stats_seconds = self.layer_problem(network, plan.module, passes)
+        stats = problem.stats
+        entry = self._entry(network, plan, group, problem, stats_seconds, passes)
+        top = entry["lambda_max"]
+        consumers = [c.name for c in group.consumers]
+        rows = None
+        test = passes.cut_inputs(network, "test", consumers) if path or path_ratios or self.baselines else None
+        if path or path_ratios:
+            lambdas = path or [check_ratio(r, "path ratio") * top for r in path_ratios]
+            rows = self.regularisation_path(network, problem, lambdas, plan, passes, test)
+        solution: Optional[Solution] = None
+        if plan.how in ("lambda", "ratio"):
+            lam = plan.value if plan.how == "lambda" else plan.value * top
+            self._check_below_lambda_max(lam, top, plan.layer)
+            solution = self.solve(stats, lam, problem.W, plan.layer, tag=f"{_safe_tag(plan.layer)}-lam{lam:.9g}")
+            V = solution.V
+        else:
+            found = self._search(network, problem, plan, passes, reference, entry, consumers)
+            V = problem.W.to(torch.float64) if found is None else found.V
+            if found is not None:
+                solution = Solution(V=found.V, lam=found.lam, rel_gap=found.rel_gap, steps=0, seconds=found.seconds,
+                                    reason=f"searched: {found.resolved} ({len(entry['candidates'])} candidates)")
+        if rows is not None:
+            entry["path"] = rows
+        if self.solver == "paper_adam" and solution is not None:
+            entry["certified_same_width"] = self._certified_at_width(problem, plan, len(active_groups(V, problem.group)))
+        if self.baselines and solution is not None:
+            width = len(active_groups(V, problem.group))
+            widths = sorted({r["active"] for r in rows or []} | {width}, reverse=True)
+            entry["baselines"] = self.compare_baselines(network, group, problem, plan, passes, test, widths,
+                                                        {width: V, **{r["active"]: r.pop("V") for r in rows or []}})
+        for r in rows or []:
+            r.pop("V", None)
+        V = self._finish_entry(entry, problem, solution, V)
+        return remove_neurons(network, group, problem.weights(V)).eval(), entry
+
+    def compare_baselines(self, network: nn.Module, group: NeuronGroup, problem: LayerProblem, plan: LayerPlan,
+                          passes: DataPasses, test: CutInputs, widths: list[int],
                           lasso: dict[int, Tensor]) -> list[dict[str, Any]]:
         """Every baseline of ``compression.baselines`` at each width (with the lasso solution of
-        that width): test accuracy (from the layer's stored ``test`` inputs and labels, or for
-        Torch-Pruning's networks a pass over the test split) and the layer's train MSE, one row
-        per method and width."""
-        inputs, labels = test
-        shape = tuple(self.datamodule.test_set[0][0].shape)
+        that width): test accuracy (from the stored ``test`` cut, or for Torch-Pruning's networks
+        a pass over the test split) and the group's train MSE, one row per method and width."""
         loss_batches = self._loss_batches() if torch_pruning_available() else None
         rows = []
         for k in widths:
@@ -331,11 +395,11 @@ class CompressionPipeline:
                 continue
             for method, V in equal_width_weights(problem.stats, problem.W, k, lasso.get(k)).items():
                 rows.append({"method": method, "width": k, "kept": problem.width(V),
-                             "test_accuracy": tail_accuracy(network, plan.module, inputs, labels, problem.weight(V),
-                                                            problem.layer_group),
+                             "test_accuracy": passes.accuracy(network, test, problem.weights_with_groups(V)),
                              "train_mse": mse(problem.stats, V)})
             for importance in IMPORTANCES if torch_pruning_available() else ():
-                pruned, kept = torch_pruning_network(network, info, k, importance, example_inputs=torch.zeros(1, *shape),
+                pruned, kept = torch_pruning_network(network, group, k, importance,
+                                                     example_inputs=torch.zeros(1, *self.input_shape),
                                                      loss_batches=loss_batches)
                 rows.append({"method": f"torch_pruning_{importance}", "width": k, "kept": kept,
                              "test_accuracy": passes.evaluate(pruned.eval(), "test")[0].accuracy})
@@ -361,17 +425,17 @@ class CompressionPipeline:
                             on_candidate=partial(self._log_candidate, plan.layer))
 
     def _search(self, network: nn.Module, problem: LayerProblem, plan: LayerPlan, passes: DataPasses,
-                reference: dict[str, Any], entry: dict[str, Any]) -> Optional[Candidate]:
-        """The candidate that meets the layer's target (None: an accuracy floor missed at every width)."""
+                reference: dict[str, Any], entry: dict[str, Any], consumers: list[str]) -> Optional[Candidate]:
+        """The candidate that meets the group's target (None: an accuracy floor missed at every width)."""
         if plan.how == "width":
             search = self._searcher(problem, plan, None)
             found = search.at_width(int(plan.value))
         else:
-            inputs, labels = passes.layer_inputs(network, "val", plan.module)
+            val = passes.cut_inputs(network, "val", consumers)
             floor = reference["val_accuracy"] - plan.value / 100
             entry["val_accuracy_floor"] = floor
-            search = self._searcher(problem, plan, lambda V: tail_accuracy(
-                network, plan.module, inputs, labels, problem.weight(self._final(problem.stats, V)), problem.layer_group))
+            search = self._searcher(problem, plan, lambda V: passes.accuracy(
+                network, val, problem.weights_with_groups(self._final(problem.stats, V))))
             found = search.at_accuracy(floor)
             if found is None:
                 rank_zero_warn(f"{plan.layer!r}: no width down to lambda = {search.min_ratio:g} * lambda_max keeps "
@@ -379,6 +443,123 @@ class CompressionPipeline:
                                f"{100 * reference['val_accuracy']:.2f}%); the layer keeps its full width")
         entry["candidates"] = [c.row() for c in search.candidates]
         return found
+
+    # --- 2'. one budget for many groups ----------------------------------------------------------
+    def allocate(self, network: nn.Module, plans: list[LayerPlan], passes_for: Callable[[Sequence[str]], DataPasses],
+                 reference: dict[str, Any]) -> tuple[nn.Module, list[dict[str, Any]], dict[str, Any]]:
+        """Share one accuracy budget between ``plans`` by what each group's candidates buy
+        (``compression.allocation``): every group's certified candidates on the original network
+        (all statistics in one pass per head), each judged alone on the validation split; the
+        knapsack choice of widths; the chosen set applied at once and re-validated on the whole
+        network, the budget corrected (at most ``max_tries`` times) until the real loss is
+        within it. Returns the network, the report entries and the allocation's record."""
+        budget_points = plans[0].value
+        analysis = analyse_network(network)
+        groups = [analysis.group_of(plan.module) for plan in plans]
+        # 1. every group's statistics on the original network: one pass per head
+        heads: dict[int, list[int]] = {}
+        for i, group in enumerate(groups):
+            heads.setdefault(id(passes_for([c.name for c in group.consumers])), []).append(i)
+        problems: list[Optional[LayerProblem]] = [None] * len(plans)
+        seconds = [0.0] * len(plans)
+        for members in heads.values():
+            passes = passes_for([c.name for c in groups[members[0]].consumers])
+            layers = list(dict.fromkeys(c.name for i in members for c in groups[i].consumers))
+            train, took = passes.evaluate(network, "train", layers)
+            for i in members:
+                problems[i], seconds[i] = LayerProblem.of_group(network, groups[i], train.stats), took / len(members)
+        # 2. every group's candidates, judged alone
+        macs = module_macs(network, self.input_shape)
+        n_val = len(self.datamodule.val_set)
+        budget = int(math.floor(budget_points / 100 * n_val + 1e-9))
+        options, entries, found_by_group = [], [], []
+        for plan, group, problem, took in zip(plans, groups, problems, seconds):
+            passes = passes_for([c.name for c in group.consumers])
+            entry = self._entry(network, plan, group, problem, took, passes)
+            entry["val_accuracy_floor"] = reference["val_accuracy"] - budget_points / 100
+            cut = passes.cut_inputs(network, "val", [c.name for c in group.consumers], limit=self.candidate_images)
+            judged = len(cut.labels)
+            alone = reference["val_accuracy"] if judged == n_val else passes.accuracy(network, cut, {})
+            search = self._searcher(problem, plan, lambda V, p=problem, c=cut, n=passes: n.accuracy(
+                network, c, p.weights_with_groups(self._final(p.stats, V))))
+            # down the path until a candidate loses nothing, or keeps 15/16 of the group (the rest buys little)
+            candidates = search.until(lambda c, full=problem.groups: (alone - c.val_accuracy) * n_val <= 0.5
+                                      or 16 * c.width >= 15 * full)
+            del cut
+            per_channel = sum(macs.get(m, 0) for m in group.modules) / max(problem.groups, 1)
+            group_options = []
+            for k, candidate in enumerate(candidates):
+                cost = max(0, int(round((alone - candidate.val_accuracy) * n_val)))
+                saving = per_channel * (problem.groups - candidate.width)
+                if cost <= budget and saving > 0:
+                    group_options.append(Option(cost, saving, k))
+            entry["candidates"] = [{**c.row(), "images_lost": max(0, int(round((alone - c.val_accuracy) * n_val))),
+                                    "macs_saved": per_channel * (problem.groups - c.width)} for c in candidates]
+            entry["judged_on"] = judged
+            options.append(group_options)
+            entries.append(entry)
+            found_by_group.append(candidates)
+        # 3. choose, apply, re-validate, correct
+        record: dict[str, Any] = {"budget_points": budget_points, "budget_images": budget, "validation_images": n_val,
+                                  "tries": []}
+        best: Optional[tuple[nn.Module, list[Optional[int]], float]] = None
+        tried: set[int] = set()
+        level = budget
+        passes = passes_for([c.name for group in groups for c in group.consumers])
+        for _ in range(self.max_tries):
+            if level in tried:
+                break
+            tried.add(level)
+            chosen, saving, cost = choose(options, level)
+            candidate_net = self._apply(network, groups, problems, found_by_group, chosen)
+            accuracy = passes.evaluate(candidate_net, "val")[0].accuracy
+            lost = (reference["val_accuracy"] - accuracy) * n_val
+            within = lost <= budget + 1e-9
+            record["tries"].append({"budget_images": level, "predicted_images_lost": cost, "macs_saved_predicted": saving,
+                                    "val_accuracy": accuracy, "images_lost": lost, "within_budget": within,
+                                    "widths": [problems[i].groups if k is None else found_by_group[i][k].width
+                                               for i, k in enumerate(chosen)]})
+            if within and (best is None or saving > best[2]):
+                best = (candidate_net, chosen, saving)
+            if within and lost >= 0.8 * budget:
+                break
+            # too much lost: shrink in proportion; too little: grow (the sum over-estimates the loss)
+            level = int(math.floor(level * budget / max(lost, 1.0))) if not within else \
+                min(budget * 4, int(math.ceil(level * budget / max(lost, 1.0))))
+        if best is None:
+            rank_zero_warn(f"no allocation of widths kept validation accuracy within {budget_points} points; every "
+                           "layer keeps its full width")
+            chosen: list[Optional[int]] = [None] * len(plans)
+            result = network
+        else:
+            result, chosen = best[0], best[1]
+        record["chosen"] = [None if k is None else found_by_group[i][k].width for i, k in enumerate(chosen)]
+        for i, (entry, k) in enumerate(zip(entries, chosen)):
+            problem = problems[i]
+            if k is None:
+                self._finish_entry(entry, problem, None, problem.W.to(torch.float64))
+                entry["stop"] = "kept at full width: the allocation chose no candidate"
+            else:
+                c = found_by_group[i][k]
+                solution = Solution(V=c.V, lam=c.lam, rel_gap=c.rel_gap, steps=0, seconds=c.seconds,
+                                    reason=f"allocated: {c.resolved} ({len(entry['candidates'])} candidates)")
+                self._finish_entry(entry, problem, solution, c.V)
+        return result.eval(), entries, record
+
+    def _apply(self, network: nn.Module, groups: list[NeuronGroup], problems: list[LayerProblem],
+               candidates: list[list[Candidate]], chosen: list[Optional[int]]) -> nn.Module:
+        """The network with every chosen candidate in place: all consumers' new weights first, then
+        every group's unused channels removed (the two commute, so the order does not matter)."""
+        weights: dict[str, Tensor] = {}
+        for group, problem, found, k in zip(groups, problems, candidates, chosen):
+            if k is not None:
+                weights.update(problem.weights(self._final(problem.stats, found[k].V)))
+        out = with_weights(network, weights)
+        for group, problem, found, k in zip(groups, problems, candidates, chosen):
+            if k is not None:
+                keep = used_channels(network, group, problem.weights(self._final(problem.stats, found[k].V)))
+                prune_channels(out, group, keep if len(keep) else torch.zeros(1, dtype=torch.long))
+        return out.eval()
 
     def _certified_at_width(self, problem: LayerProblem, plan: LayerPlan, width: int) -> dict[str, Any]:
         """The certified optimum (working-set solver) at the lambda that keeps ``width`` neurons."""
@@ -399,13 +580,13 @@ class CompressionPipeline:
         self._candidates_logged = step + 1
 
     # --- 3. the result -------------------------------------------------------------------------
-    def profile(self, network: nn.Module, passes: DataPasses, with_val: bool, layer: Optional[str] = None
+    def profile(self, network: nn.Module, passes: DataPasses, with_val: bool, layers: Sequence[str] = ()
                 ) -> dict[str, Any]:
-        """Accuracy, loss and size of ``network``. Naming the ``layer`` compressed next makes its
+        """Accuracy, loss and size of ``network``. Naming the ``layers`` compressed next makes their
         statistics part of the same pass over the training split (and of the same cache entry)."""
-        train, _ = passes.evaluate(network, "train", layer)
+        train, _ = passes.evaluate(network, "train", layers)
         test, _ = passes.evaluate(network, "test")
-        shape = tuple(self.datamodule.test_set[0][0].shape)
+        shape = self.input_shape
         out = {"train_loss": train.loss, "train_accuracy": train.accuracy, "test_accuracy": test.accuracy}
         if with_val:
             out["val_accuracy"] = passes.evaluate(network, "val")[0].accuracy
@@ -419,25 +600,47 @@ class CompressionPipeline:
         # With fine-tuning, the network straight from surgery is kept beside the fine-tuned one.
         surgery = self.run_dir / "surgery.pt" if self.finetune.epochs > 0 else saved
         if self.is_global_zero:
-            save_network(network, surgery, self.arch, self.num_classes, layers=report["layers"])
+            save_network(network, surgery, self.spec, layers=report["layers"])
         if self.finetune.epochs > 0:
             report["after_surgery"] = report["after"]
             report["network_after_surgery"] = str(surgery)
-            tuned, details = finetune(surgery, self.arch, self.num_classes, self.datamodule, self.finetune,
-                                      self.train_hparams, self.run_dir, self.trainer.distributed())
+            tuned, details = finetune(surgery, self.spec, self.datamodule, self.finetune, self.train_hparams,
+                                      self.run_dir, self.trainer.distributed())
             report["finetune"] = details
             network = tuned.eval()
             report["after"] = self.profile(network, passes, with_val)
             if self.is_global_zero:
-                save_network(network, saved, self.arch, self.num_classes, layers=report["layers"], finetune=details)
+                save_network(network, saved, self.spec, layers=report["layers"], finetune=details)
         report["network"] = str(saved)
+        report["spec"] = self.spec.to_dict()
         return report
+
+    def export_files(self, network: nn.Module, original: nn.Module) -> dict[str, Any]:
+        """``compressed.<ext>`` and ``original.<ext>`` for every format of ``export`` in the run's
+        folder, each checked against PyTorch on a batch of validation images (``models.export``;
+        a difference above 1e-4 relative stops the run), and the batch-1 and batch-64 CPU latency
+        of the original and compressed networks in ONNX Runtime and in PyTorch, measured in turns."""
+        images = torch.stack([self.datamodule.val_set[i][0] for i in range(min(64, len(self.datamodule.val_set)))])
+        shape, out = self.input_shape, {}
+        for fmt in self.export:
+            files = {}
+            for name, net in (("original", original), ("compressed", network)):
+                path = EXPORTERS[fmt][0](net.eval(), self.run_dir / f"{name}.{EXPORTERS[fmt][2]}", shape)
+                difference = EXPORTERS[fmt][1](path, net, images)
+                files[name] = {"file": str(path), "bytes": path.stat().st_size,
+                               "max_abs_difference": difference.max_abs, "max_rel_difference": difference.max_rel}
+            out[fmt] = files
+        if "onnx" in self.export:
+            out["onnx_latency_ms"] = onnx_latency_ms({n: Path(f["file"]) for n, f in out["onnx"].items()}, shape)
+            out["torch_latency_ms"] = latencies_in_turns({"original": original, "compressed": network}, shape, (1, 64))
+        return out
 
     # --- the whole job -------------------------------------------------------------------------
     def run(self, layers: list[str], lambdas: Optional[list[float]] = None,
             lambda_ratios: Optional[list[float]] = None, target: Optional[Target] = None,
             path: Optional[list[float]] = None, path_ratios: Optional[list[float]] = None) -> dict[str, Any]:
         """Compress ``layers`` in order; returns the report (see the module doc)."""
+        target = target or Target()
         plans = self.plan(layers, lambdas, lambda_ratios, target)
         if path is not None and path_ratios is not None:
             raise ValueError("give the path as --path (lambdas) or --path_ratios (fractions of lambda_max), not both")
@@ -445,29 +648,49 @@ class CompressionPipeline:
             check_lambda(lam)
         for ratio in path_ratios or []:
             check_ratio(ratio, "path ratio")
+        for fmt in self.export:
+            if fmt not in EXPORTERS:
+                raise ValueError(f"export format {fmt!r}: choose from {', '.join(EXPORTERS)}")
+        cache.counts.reset()
+        allocate = plans[0].how == "accuracy" and target.share == "macs" and len(plans) > 1
+        if allocate and (path or path_ratios or self.baselines):
+            raise ValueError("a regularisation path and the baselines are per layer: run them with "
+                             "--target.share cumulative or one layer at a time")
         self.datamodule.prepare_data()
         self.datamodule.setup("fit")
         network = self.network.eval()
         heads: dict[str, DataPasses] = {}
 
-        def passes_for(module: str) -> DataPasses:
-            """The passes of the layer's head; layers with the same head share stored inputs."""
-            head = head_of(network, module)
+        def passes_for(modules: Sequence[str]) -> DataPasses:
+            """The passes of the layers' head; layers with the same head share stored inputs."""
+            head = head_of(network, modules) if modules else ""
             if head not in heads:
                 heads[head] = DataPasses(self.datamodule, head, self.trainer, self.cache_dir, self.run_dir,
-                                         batch_size=self.datamodule.hparams.batch_size, conv_sampling=self.conv_sampling)
+                                         batch_size=self.datamodule.hparams.batch_size, conv_sampling=self.conv_sampling,
+                                         train_limit=self.train_limit, cache_max_bytes=self.cache_max_bytes)
             return heads[head]
 
+        def consumers(plan: LayerPlan) -> list[str]:
+            return [c.name for c in analyse_layer(network, plan.module).consumers]
+
         with_val = any(p.how == "accuracy" for p in plans)
-        first = passes_for(plans[0].module)
-        report: dict[str, Any] = {"before": self.profile(network, first, with_val, plans[0].module), "layers": []}
-        for plan in plans:
-            network, entry = self.compress_layer(network, plan, passes_for(plan.module), report["before"], path,
-                                                 path_ratios)
-            report["layers"].append(entry)
+        first = passes_for(consumers(plans[0]))
+        report: dict[str, Any] = {"before": self.profile(network, first, with_val, consumers(plans[0])), "layers": []}
+        if allocate:
+            network, report["layers"], report["allocation"] = self.allocate(network, plans, passes_for,
+                                                                            report["before"])
+        else:
+            for plan in plans:
+                network, entry = self.compress_layer(network, plan, passes_for(consumers(plan)), report["before"],
+                                                     path, path_ratios)
+                report["layers"].append(entry)
         report["paths"] = {e["layer"]: e.pop("path") for e in report["layers"] if "path" in e}
         report["baselines"] = {e["layer"]: e.pop("baselines") for e in report["layers"] if "baselines" in e}
-        report = self.finish(network, report, passes_for(plans[-1].module), with_val)
+        report = self.finish(network, report, passes_for(consumers(plans[-1])), with_val)
+        if self.export and self.is_global_zero:
+            report["export"] = self.export_files(network, self.network)
+        report["cache"] = {"dir": None if self.cache_dir is None else str(self.cache_dir),
+                           "max_bytes": self.cache_max_bytes, **cache.counts.as_dict()}
         seconds: dict[str, float] = {}
         for passes in heads.values():
             for split, value in passes.seconds.items():

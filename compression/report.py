@@ -26,23 +26,42 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{'test accuracy after surgery':28s}{'':14s}{100 * s['test_accuracy']:13.2f}%"
                      f"{100 * (s['test_accuracy'] - b['test_accuracy']):+9.2f}pt   "
                      f"(then {tuned['epochs']} fine-tuning epochs, lr {tuned['lr']:g})")
-    for entry in report["layers"]:
-        label = f"width into {entry['module']}"
-        lines.append(f"{label:28s}{entry['width_before']:14d}{entry['width_after']:14d}"
-                     f"{_change(entry['width_before'], entry['width_after']):>10s}")
+    if len(report["layers"]) <= 12:
+        for entry in report["layers"]:
+            label = f"width into {entry['module']}"
+            lines.append(f"{label:28s}{entry['width_before']:14d}{entry['width_after']:14d}"
+                         f"{_change(entry['width_before'], entry['width_after']):>10s}")
+    else:  # the per-layer table below has them all
+        before = sum(e["width_before"] for e in report["layers"])
+        after = sum(e["width_after"] for e in report["layers"])
+        label = f"widths of {len(report['layers'])} groups"
+        lines.append(f"{label:28s}{before:14d}{after:14d}{_change(before, after):>10s}")
     for key, label, fmt in (("parameters", "parameters", "{:14,d}"), ("macs", "multiply-adds / sample", "{:14,d}"),
                             ("latency_ms", "latency (ms, batch 1)", "{:14.2f}")):
         lines.append(f"{label:28s}{fmt.format(b[key])}{fmt.format(a[key])}{_change(b[key], a[key]):>10s}")
     lines.append("")
-    lines.append(f"{'layer':8s}{'module':14s}{'by':>9s}{'lambda':>10s}{'lam_max':>10s}{'ratio':>9s}{'kept':>12s}"
-                 f"{'MSE':>11s}{'rel. gap':>10s}{'steps':>7s}{'solve s':>9s}{'stats s':>9s}  stop")
+    name = max([len(e["layer"]) + 1 for e in report["layers"]] + [8])
+    module = max([len(e["module"]) + 1 for e in report["layers"]] + [14])
+    lines.append(f"{'layer':{name}s}{'module':{module}s}{'by':>9s}{'lambda':>10s}{'lam_max':>10s}{'ratio':>9s}"
+                 f"{'kept':>12s}{'MSE':>11s}{'rel. gap':>10s}{'steps':>7s}{'solve s':>9s}{'stats s':>9s}  stop")
     for e in report["layers"]:
         lines.append(
-            f"{e['layer']:8s}{e['module']:14s}{e['chosen_by']:>9s}{e['lambda']:10.3g}{e['lambda_max']:10.3g}"
+            f"{e['layer']:{name}s}{e['module']:{module}s}{e['chosen_by']:>9s}{e['lambda']:10.3g}{e['lambda_max']:10.3g}"
             f"{e['ratio']:9.3g}{e['width_after']:>6d}/{e['width_before']:<5d}"
             f"{e['mse']:11.3e}{e['rel_gap']:10.1e}{e['steps']:7d}{e['seconds']:9.2f}{e['stats_seconds']:9.1f}  "
             f"{e['stop'].split(':')[0]}"
         )
+    if "export" in report:
+        lines.append("")
+        lines += format_export(report["export"])
+    if "cache" in report and report["cache"].get("dir"):
+        c = report["cache"]
+        limit = f", limit {c['max_bytes'] / 1e9:.1f} GB" if c.get("max_bytes") else ""
+        lines.append(f"cache {c['dir']}: read {c['read'] / 1e6:,.1f} MB, wrote {c['written'] / 1e6:,.1f} MB, "
+                     f"evicted {c['evicted'] / 1e6:,.1f} MB{limit}")
+    if "allocation" in report:
+        lines.append("")
+        lines += format_allocation(report["allocation"])
     for e in report["layers"]:
         if "certified_same_width" in e:
             c = e["certified_same_width"]
@@ -69,6 +88,63 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("")
         lines += format_baselines(layer, rows)
     return "\n".join(lines)
+
+
+def format_export(export: dict[str, Any]) -> list[str]:
+    """The exported files, how far each is from PyTorch, and the deployment latencies."""
+    lines = []
+    for fmt in ("onnx", "torchscript"):
+        for name, f in export.get(fmt, {}).items():
+            lines.append(f"{fmt:11s} {name:10s} {f['file']}  max |difference| {f['max_abs_difference']:.1e} "
+                         f"({f['max_rel_difference']:.1e} relative)")
+    if "onnx_latency_ms" in export:
+        ort, pt = export["onnx_latency_ms"], export["torch_latency_ms"]
+        lines.append(f"{'latency (ms, CPU)':28s}{'original':>12s}{'compressed':>12s}{'ratio':>9s}")
+        for label, table in (("ONNX Runtime", ort), ("PyTorch", pt)):
+            for batch in (1, 64):
+                a, b = table["original"][_key(table["original"], batch)], table["compressed"][_key(table["compressed"], batch)]
+                lines.append(f"{label + f', batch {batch}':28s}{a:12.2f}{b:12.2f}{'1/' + format(a / b, '.2f'):>9s}")
+    return lines
+
+
+def _key(table: dict, batch: int) -> Any:
+    """Batch sizes are ints in memory and strings once read back from report.json."""
+    return batch if batch in table else str(batch)
+
+
+def format_allocation(allocation: dict[str, Any]) -> list[str]:
+    """The budget shared by what each group's candidates buy: every knapsack choice tried and
+    what the whole network lost with it."""
+    n = allocation["validation_images"]
+    lines = [f"budget {allocation['budget_points']:g} points = {allocation['budget_images']} of {n} validation "
+             f"images, shared by multiply-adds saved per image lost (knapsack, then re-validated):",
+             f"{'budget':>8s}{'predicted':>11s}{'lost':>8s}{'val acc':>10s}{'MACs saved (pred.)':>20s}  within"]
+    for t in allocation["tries"]:
+        lines.append(f"{t['budget_images']:8d}{t['predicted_images_lost']:11d}{t['images_lost']:8.0f}"
+                     f"{100 * t['val_accuracy']:9.2f}%{t['macs_saved_predicted']:20,.0f}  "
+                     f"{'yes' if t['within_budget'] else 'no'}")
+    return lines
+
+
+def plot_widths(report: dict[str, Any]) -> Figure:
+    """The kept fraction of every compressed group, in network order, and its share of the
+    multiply-adds before and after (the chosen widths of a budget over many layers)."""
+    entries = report["layers"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(entries) + 2), 4.2))
+    x = range(len(entries))
+    kept = [e["width_after"] / e["width_before"] if e["width_before"] else 1.0 for e in entries]
+    coupled = ["stacked" in e for e in entries]
+    ax.bar(x, kept, color=["tab:orange" if c else "tab:blue" for c in coupled])
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([e["layer"] for e in entries], rotation=90, fontsize=7)
+    ax.set_ylabel("kept fraction of the neurons / channels")
+    ax.set_ylim(0, 1.05)
+    ax.grid(axis="y", alpha=0.3)
+    before, after = report["before"]["macs"], report["after"]["macs"]
+    ax.set_title(f"widths chosen per group (orange: coupled residual channels); multiply-adds "
+                 f"{before / 1e6:.1f} M -> {after / 1e6:.1f} M ({before / max(after, 1):.2f}x fewer)", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def format_baselines(layer: str, rows: list[dict[str, Any]]) -> list[str]:
@@ -129,6 +205,13 @@ def write_report(report: dict[str, Any], run_dir: Path, extra_path: Optional[str
         written.append(run_dir / f"path-{layer}.png")
         if logger is not None:
             logger.experiment.add_figure(f"path/{layer}", fig)
+        plt.close(fig)
+    if len(report["layers"]) > 1:
+        fig = plot_widths(report)
+        fig.savefig(run_dir / "widths.png", dpi=120)
+        written.append(run_dir / "widths.png")
+        if logger is not None:
+            logger.experiment.add_figure("widths", fig)
         plt.close(fig)
     if logger is not None:
         experiment = logger.experiment

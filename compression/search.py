@@ -93,6 +93,21 @@ class LambdaSearch:
             previous, lam = current, lam / 2
         return previous, None
 
+    def until(self, done: Callable[[Candidate], bool], factor: float = 2.0) -> list[Candidate]:
+        """Every candidate from lam_max / factor down by ``factor``, each warm-started from the
+        previous one, until ``done`` (or ``min_ratio``): a group's menu of widths for a budget
+        shared by what the candidates buy."""
+        previous: Optional[Candidate] = None
+        lam = self.lam_max / factor
+        found: list[Candidate] = []
+        while lam >= self.min_ratio * self.lam_max:
+            previous = self.candidate(lam, previous)
+            found.append(previous)
+            if done(previous):
+                break
+            lam /= factor
+        return found
+
     def at_width(self, k: int) -> Candidate:
         """The certified solution with exactly ``k`` nonzero groups (see the module doc)."""
         above, below = self.walk(lambda c: c.width >= k)

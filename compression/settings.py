@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import pytorch_lightning as pl
 import torch
@@ -59,18 +59,26 @@ class TrainerSettings:
 
 @dataclass
 class Target:
-    """What the user wants instead of a lambda (set at most one).
+    """What the user wants instead of a lambda (set at most one of ``max_accuracy_drop`` and
+    ``width``).
 
     Args:
-        max_accuracy_drop: percentage points of validation accuracy the whole run may lose;
-            each listed layer is compressed, in order, to the smallest width that keeps the
-            network within its share (see ``compression.search``).
+        max_accuracy_drop: percentage points of validation accuracy the whole run may lose.
         width: the exact number of surviving neurons per layer (one value for all layers, or
             one per layer).
+        share: how an accuracy budget is shared between several layers: ``macs`` (default) by
+            what each layer's certified candidates buy, multiply-adds saved per validation image
+            lost, chosen together by a knapsack and re-validated on the whole network
+            (``compression.allocation``); ``cumulative``: layer i of n, compressed in order on the
+            network compressed so far, may bring the loss to i/n of the budget.
+        candidate_images: with ``share: macs``, judge each layer's candidates on the first this
+            many validation images only (None: all); the chosen set is re-validated on all.
     """
 
     max_accuracy_drop: Optional[float] = None
     width: Optional[list[int]] = None
+    share: Literal["macs", "cumulative"] = "macs"
+    candidate_images: Optional[int] = None
 
     @property
     def is_set(self) -> bool:

@@ -98,6 +98,10 @@ class ImageDataModule(pl.LightningDataModule, ABC):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
 
-    def train_eval_dataloader(self) -> DataLoader:
-        """The training split with eval transforms, in a fixed order (compression statistics, train loss)."""
-        return self._loader(self.train_eval_set, shuffle=False)
+    def train_eval_dataloader(self, limit: Optional[int] = None) -> DataLoader:
+        """The training split with eval transforms, in a fixed order (compression statistics, train
+        loss); ``limit``: only its first this-many images."""
+        dataset = self.train_eval_set
+        if limit is not None and limit < len(dataset):
+            dataset = Subset(dataset, range(limit))
+        return self._loader(dataset, shuffle=False)

@@ -44,11 +44,13 @@ def prepare_fashion_mnist(root: str | Path, download: bool = False) -> Path:
 
 class FashionMNISTDataModule(ImageDataModule):
     """Fashion-MNIST; preset ``fashion_alexnet`` makes the 28x28 grayscale images
-    3-channel and resizes them like the paper's AlexNet inputs (70, crop 64)."""
+    3-channel and resizes them like the paper's AlexNet inputs (70, crop 64); ``fashion_32``
+    makes them 3-channel 32x32 images for the CIFAR-sized networks (ResNet-56, MobileNetV2
+    with a small-input stem)."""
 
     num_classes = 10
 
-    def __init__(self, *, preset: Literal["fashion_alexnet"] = "fashion_alexnet", download: bool = False,
+    def __init__(self, *, preset: Literal["fashion_alexnet", "fashion_32"] = "fashion_alexnet", download: bool = False,
                  **kwargs: Any) -> None:
         super().__init__(preset=preset, **kwargs)
 

@@ -9,14 +9,16 @@ calls into this package: ``prox`` (the group soft-threshold, group norms, active
 their columns), ``stats`` (G, C, s and g), ``problem`` (MSE, F, gradient, lambda_max, duality
 gap, debiasing), ``solvers`` (FISTA, block coordinate descent over the groups, the paper's
 Adam procedure), ``working_set`` (the default solver) and ``folding`` (groups of one repeated
-input folded to one column each).
+input folded to one column each) and ``stacking`` (several layers reading the same neurons as
+one problem).
 """
 from grouplasso.problem import (
-    DualityGap, check_lambda, debias, duality_gap, gradient, group_norm, lambda_max, lipschitz, mse, objective, residual_energy,
+    DualityGap, check_lambda, debias, duality_gap, gradient, gram_product, group_norm, lambda_max, lipschitz, mse, objective, residual_energy,
 )
 from grouplasso.folding import Folding, fold_repeated_groups
 from grouplasso.prox import active_columns, active_groups, group_columns, group_norms, group_soft_threshold, keep_groups
 from grouplasso.solvers import BCD, FISTA, PaperAdam, Solver
+from grouplasso.stacking import Stacking, stack_problems
 from grouplasso.stats import LassoStats, StatsAccumulator
 from grouplasso.working_set import WorkingSet
 
@@ -31,8 +33,8 @@ SOLVERS: dict[str, type[Solver]] = {
 }
 
 __all__ = [
-    "SOLVERS", "BCD", "DualityGap", "Folding", "active_columns", "active_groups", "keep_groups", "check_lambda", "FISTA", "LassoStats", "PaperAdam", "Solver", "StatsAccumulator", "WorkingSet",
-    "debias", "duality_gap", "fold_repeated_groups", "gradient", "group_columns", "group_norm", "group_norms", "group_soft_threshold", "lambda_max", "lipschitz",
+    "SOLVERS", "BCD", "Stacking", "stack_problems", "DualityGap", "Folding", "active_columns", "active_groups", "keep_groups", "check_lambda", "FISTA", "LassoStats", "PaperAdam", "Solver", "StatsAccumulator", "WorkingSet",
+    "debias", "duality_gap", "fold_repeated_groups", "gradient", "gram_product", "group_columns", "group_norm", "group_norms", "group_soft_threshold", "lambda_max", "lipschitz",
     "mse",
     "objective", "residual_energy",
 ]

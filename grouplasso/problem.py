@@ -20,26 +20,75 @@ The residual scaled by c, theta = c R / n, is feasible for |c| <= alpha / max_c 
 with Gamma = C - V G = (1/n) R^T X, and its dual value c * (s - <V, C>) - c^2 rho / 2, rho =
 n^{-1} ||R||^2 = D * MSE(V), is maximised over c in closed form. The gap F(V) - dual >= F(V) - F*
 certifies how far V is from optimal; at the optimum it is zero.
+
+Every product with G goes through ``gram_product``, which for a stacked problem (``stats.blocks``,
+``grouplasso.stacking``) multiplies each consumer's block alone: there G is block diagonal and V
+zero off the blocks, so the dense product would spend most of its D K^2 multiply-adds on zeros.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from grouplasso.prox import active_columns, group_norms
+from grouplasso.prox import active_columns, active_groups, group_columns, group_norms
 from grouplasso.stats import LassoStats
+
+Groups = Tensor | slice  # group indices (ascending), or a slice of groups
+
+
+def _columns(groups: Groups, group: int) -> Tensor | slice:
+    """The columns of ``groups``: a slice of groups gives a slice (a view of G, not a copy)."""
+    if isinstance(groups, slice):
+        scaled = [None if end is None else end * group for end in (groups.start, groups.stop)]
+        return slice(*scaled)
+    return group_columns(groups, group)
+
+
+def gram_product(stats: LassoStats, X: Tensor, groups: Groups | None = None, out: Tensor | None = None,
+                 into: slice = slice(None)) -> Tensor:
+    """X G[S, T] (D, |T|): S the columns of ``groups`` (all when None), X (D, |S|) V's entries on
+    them (V zero on the other columns, so that the product is (V G)[:, T]), T the columns of the
+    groups ``into`` (all by default). A new tensor, or added to ``out`` (D, |T|) in place.
+
+    Without a structure this is the one product ``X @ G[S][:, T]``, D |S| |T| multiply-adds.
+    With ``stats.blocks`` (consumer j: rows R_j, columns J_j of every group) it is, exactly,
+
+        (X G)[R_j, T_j] = X[R_j, S_j] G[S_j, T_j],   zero on (R_j, T_i) for i != j,
+
+    since G[J_j, J_i] = 0 and X is zero off (R_j, J_j): sum_j D_j |S_j| |T_j| multiply-adds, on
+    the rows of the blocks G_j kept in ``stats.block_grams``. The zero entries are left as they
+    are (in ``out``) or zero (a new tensor)."""
+    g, D = stats.group, X.shape[0]
+    if stats.blocks is None:
+        G = stats.G if groups is None else stats.G[_columns(groups, g)]
+        if into != slice(None):
+            G = G[:, _columns(into, g)]
+        return X @ G if out is None else out.addmm_(X, G)
+    groups = slice(None) if groups is None else groups
+    n, width = stats.groups, len(range(stats.groups)[into])  # groups of G, of T
+    X3 = X.reshape(D, -1, g)
+    out = X.new_zeros(D, width * g) if out is None else out
+    out3 = out.view(D, width, g)
+    for (rows, columns), Gj in zip(stats.blocks, stats.block_grams):  # one product per consumer
+        Dj, gj = rows.stop - rows.start, columns.stop - columns.start
+        Xj = X3[rows, :, columns].reshape(Dj, X3.shape[1] * gj)  # (D_j, |S_j|), group-major as G_j
+        GS = Gj.view(n, gj, n * gj)[groups].reshape(Xj.shape[1], n * gj)  # rows S_j: a view for a slice
+        GT = GS if into == slice(None) else GS[:, _columns(into, gj)]  # G[S_j, T_j]
+        out3[rows, :, columns].add_((Xj @ GT).view(Dj, width, gj))
+    return out
 
 
 def times_gram(stats: LassoStats, V: Tensor) -> Tensor:
     """V G (D, K), reading only the rows of G of V's nonzero groups: solutions are sparse,
     and this product is the cost of every gradient and certificate."""
-    active = active_columns(V, stats.group)
-    if 2 * len(active) >= stats.K:
-        return V @ stats.G
-    return V[:, active] @ stats.G[active]
+    active = active_groups(V, stats.group)
+    if 2 * len(active) * stats.group >= stats.K:
+        return gram_product(stats, V)
+    return gram_product(stats, V[:, group_columns(active, stats.group)], active)
 
 
 def residual_energy(stats: LassoStats, V: Tensor) -> Tensor:
@@ -68,15 +117,18 @@ def gradient(stats: LassoStats, V: Tensor) -> Tensor:
     return (times_gram(stats, V) - stats.C) * (2.0 / stats.D)
 
 
-def largest_eigenvalue(G: Tensor, tol: float = 1e-10, max_iter: int = 1000) -> float:
+def largest_eigenvalue(G: Tensor, tol: float = 1e-10, max_iter: int = 1000,
+                       times: Callable[[Tensor], Tensor] | None = None) -> float:
     """lambda_max of the symmetric positive semi-definite ``G`` (K, K), by power iteration
     (a Gram matrix of nonnegative features has a dominant eigenvalue, so this converges fast),
     returned with a 0.1% margin so that 1/L is a safe step. (Cheaper and steadier than a
-    full eigendecomposition, whose threads stall on a busy machine.)"""
+    full eigendecomposition, whose threads stall on a busy machine.) ``times``: v -> G v, when
+    G has a cheaper product than the dense one."""
+    times = times or G.__matmul__
     v = torch.ones(G.shape[0], dtype=G.dtype, device=G.device) / math.sqrt(G.shape[0])
     value = 0.0
     for _ in range(max_iter):
-        w = G @ v
+        w = times(v)
         new = float(torch.dot(v, w))
         norm = torch.linalg.vector_norm(w)
         if norm == 0:
@@ -104,7 +156,19 @@ def lambda_max(stats: LassoStats) -> float:
 
 def lipschitz(stats: LassoStats) -> float:
     """L = 2 lambda_max(G) / D, the Lipschitz constant of ``gradient``."""
-    return 2.0 * largest_eigenvalue(stats.G) / stats.D
+    times = None
+    if stats.blocks is not None:
+        # The same power iteration with G v block by block: a product with each consumer's block
+        # G_j (sum_j K_j^2 entries) per iteration instead of one with all of G.
+        n, g = stats.groups, stats.group
+        parts = list(zip((columns for _, columns in stats.blocks), stats.block_grams))
+
+        def times(v: Tensor) -> Tensor:
+            w = torch.empty_like(v)
+            for columns, Gj in parts:
+                w.view(n, g)[:, columns] = (Gj @ v.view(n, g)[:, columns].reshape(-1)).view(n, -1)
+            return w
+    return 2.0 * largest_eigenvalue(stats.G, times=times) / stats.D
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grouplasso.problem import DualityGap, check_lambda, duality_gap, gradient, group_norm, lipschitz, mse, times_gram
+from grouplasso.problem import (
+    DualityGap, check_lambda, duality_gap, gradient, gram_product, group_norm, lipschitz, mse, times_gram,
+)
 from grouplasso.prox import active_groups, group_norms, group_soft_threshold
 from grouplasso.stats import LassoStats
 
@@ -175,11 +177,12 @@ class BCD(Solver):
     memory-bound). So the groups are swept in chunks of about ``chunk`` columns: within a chunk
     only its own columns of V G - C are updated after each group (through the chunk's diagonal
     block of G), and P once per chunk, by one product with the rows of G of the groups that
-    changed. This is the same cyclic BCD, the arithmetic reordered. On the CPU a zero group
-    whose gradient is within the threshold (it would stay zero: most of a working set) costs
-    one norm; on a GPU every group is updated, so that the loop never waits for the device
-    (the loop over groups issues a dozen small kernels per group, so on a GPU FISTA's one large
-    product per step is the better inner solver; see ``grouplasso.working_set``).
+    changed. This is the same cyclic BCD, the arithmetic reordered (and for a stacked problem,
+    ``stats.blocks``, each product is taken block by block: ``grouplasso.problem.gram_product``).
+    On the CPU a zero group whose gradient is within the threshold (it would stay zero: most of
+    a working set) costs one norm; on a GPU every group is updated, so that the loop never waits
+    for the device (the loop over groups issues a dozen small kernels per group, so on a GPU
+    FISTA's one large product per step is the better inner solver; see ``grouplasso.working_set``).
 
     ``anderson`` > 0: every ``anderson`` epochs, Anderson extrapolation (as skglm's) from the last
     ``anderson`` + 1 iterates: the affine combination of them whose successive differences are
@@ -206,12 +209,16 @@ class BCD(Solver):
         live = self.L > 0
         if not bool(live.all()):  # groups of dead inputs: zero is optimal and G's rows are zero
             self.V.view(stats.D, groups, g)[:, ~live] = 0.0
-        self.P = self.V @ stats.G
+        self.P = gram_product(stats, self.V)
         # On the CPU, which zero groups to screen (a Python list, read without synchronising);
         # on a GPU every group is updated, so that no group waits for the device.
         self._screen: list[bool] | None = None
         self._rescreen()
-        per_chunk = max(1, chunk // g)
+        # A stacked problem's products are per consumer: a chunk counts its columns per consumer
+        # (the widest g_j), so that the updates of P stay of about ``chunk`` columns' rank, not of
+        # one group's (g = 73 columns of 9 consumers: P rewritten after every group).
+        width = g if stats.blocks is None else max(columns.stop - columns.start for _, columns in stats.blocks)
+        per_chunk = max(1, chunk // width)
         inverse = [1.0 / L if L > 0 else 0.0 for L in self.L.tolist()]
         self._chunks = [[(c, inverse[c]) for c in range(first, min(first + per_chunk, groups)) if inverse[c] > 0]
                         for first in range(0, groups, per_chunk)]
@@ -228,13 +235,14 @@ class BCD(Solver):
         return float((1.0 / live).mean()) if len(live) else math.nan
 
     def step(self) -> None:
-        V, P, G, C, g = self.V, self.P, self.stats.G, self.stats.C, self.stats.group
+        V, P, C, g, stats = self.V, self.P, self.stats.C, self.stats.group, self.stats
         scale, lam = 2.0 / self.stats.D, self.lam
         stay = lam / scale  # a zero group stays zero when ||(P - C)[:, S_c]||_F <= lam D / 2
         screen = self._screen
         for chunk in self._chunks:
-            a, b = chunk[0][0] * g, (chunk[-1][0] + 1) * g  # the chunk's columns
-            residual, block = P[:, a:b] - C[:, a:b], G[a:b, a:b]  # (V G - C) on the chunk, kept current
+            first, last = chunk[0][0], chunk[-1][0]
+            a, b = first * g, (last + 1) * g  # the chunk's columns
+            residual = P[:, a:b] - C[:, a:b]  # (V G - C) on the chunk, kept current
             changed: list[tuple[int, Tensor]] = []
             for c, inv_L in chunk:
                 here = slice(c * g - a, (c + 1) * g - a)
@@ -245,17 +253,19 @@ class BCD(Solver):
                 new = group_soft_threshold(torch.add(old, part, alpha=-scale * inv_L), lam * inv_L, g)
                 delta = new - old
                 old.copy_(new)
-                residual.addmm_(delta, block[here])
+                if c != last:  # the chunk's later groups read it (through the chunk's diagonal block of G)
+                    gram_product(stats, delta, slice(c, c + 1), out=residual, into=slice(first, last + 1))
                 changed.append((c, delta))
                 if screen is not None:
                     screen[c] = not bool(new.any())
+            # each changed group's step, through its rows of G (a group changes once per epoch);
+            # for a stacked problem block by block, a group's step touching its consumers' rows only
             if len(changed) == 1:
                 c, delta = changed[0]
-                P.addmm_(delta, G[c * g:(c + 1) * g])
+                gram_product(stats, delta, slice(c, c + 1), out=P)
             elif changed:
-                # each changed group's step, through its rows of G (a group changes once per epoch)
-                rows = torch.cat([torch.arange(c * g, (c + 1) * g, device=G.device) for c, _ in changed])
-                P.addmm_(torch.cat([delta for _, delta in changed], dim=1), G[rows])
+                groups = torch.tensor([c for c, _ in changed], device=P.device)
+                gram_product(stats, torch.cat([delta for _, delta in changed], dim=1), groups, out=P)
         self.iterations += 1
         if self.anderson:
             self._extrapolate()

@@ -14,6 +14,7 @@ sums would lose the small eigenvalues that decide which neurons are redundant).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Optional
 
 import torch
@@ -22,19 +23,40 @@ from torch import Tensor
 
 from grouplasso.prox import group_columns
 
+#: The block structure of a stacked problem (``grouplasso.stacking``): per consumer j, its rows
+#: (a slice of the D) and its columns within every group (a slice of the g: consumer j owns the
+#: columns c*g + offset_j .. c*g + offset_j + g_j - 1 of every group c). G is zero outside the
+#: (columns of j, columns of j) blocks, C outside the (rows of j, columns of j) ones.
+Blocks = tuple[tuple[slice, slice], ...]
+
+
+def _tiles(parts: list[slice], size: int) -> bool:
+    """Whether the unit-step ``parts`` follow one another from 0 to ``size``, none empty."""
+    ends = [0] + [part.stop for part in parts]
+    return bool(parts) and ends[-1] == size and all(
+        part.step == 1 and part.start == start and part.stop > start for part, start in zip(parts, ends))
+
 
 @dataclass
 class LassoStats:
     """(G, C, s) of one layer over ``n`` samples; see the module doc. Tensors are float64.
 
     ``group``: the penalty's group size g. Columns c*g .. (c+1)*g - 1 form group c (one input
-    channel of a convolution, its kh*kw patch entries); g = 1 is one column per neuron."""
+    channel of a convolution, its kh*kw patch entries); g = 1 is one column per neuron.
+
+    ``blocks``: None, or the block structure of a stacked problem (``Blocks``; set by
+    ``grouplasso.stacking.stack_problems``): the rows and within-group columns of every consumer,
+    in order, covering all D rows and all g columns of a group. The products with G then run
+    block by block (``grouplasso.problem.gram_product``), for V zero off the blocks, as every
+    solver keeps it. A structure is stated per group, so it holds unchanged on any whole groups
+    (``restrict``)."""
 
     G: Tensor
     C: Tensor
     s: float
     n: int
     group: int = 1
+    blocks: Optional[Blocks] = None
 
     @property
     def D(self) -> int:
@@ -49,16 +71,35 @@ class LassoStats:
         return self.G.device
 
     def to(self, device: torch.device | str) -> "LassoStats":
-        return LassoStats(self.G.to(device), self.C.to(device), self.s, self.n, self.group)
+        return LassoStats(self.G.to(device), self.C.to(device), self.s, self.n, self.group, self.blocks)
 
     def __post_init__(self) -> None:
         if self.group < 1 or self.K % self.group:
             raise ValueError(f"group size {self.group} does not divide the {self.K} columns")
+        if self.blocks is not None:
+            rows = [slice(*part.indices(self.D)) for part, _ in self.blocks]
+            columns = [slice(*part.indices(self.group)) for _, part in self.blocks]
+            if not (_tiles(rows, self.D) and _tiles(columns, self.group)):
+                raise ValueError(f"blocks {self.blocks} do not tile the {self.D} rows and the {self.group} "
+                                 "columns of a group in order")
+            self.blocks = tuple((slice(r.start, r.stop), slice(c.start, c.stop)) for r, c in zip(rows, columns))
 
     @property
     def groups(self) -> int:
         """The number of groups, K / group (the number of neurons when group = 1)."""
         return self.K // self.group
+
+    @cached_property
+    def block_grams(self) -> tuple[Tensor, ...]:
+        """With ``blocks``: every consumer's block G_j = G[J_j, J_j] (K_j, K_j), contiguous, in its own
+        group-major order (row c * g_j + u: column u of consumer j in group c). Gathered once, so
+        that the products read rows of it (a view, or a copy of whole rows) rather than gathering
+        them out of G's strided blocks every time."""
+        if self.blocks is None:
+            raise ValueError("block_grams: the statistics have no block structure")
+        G4 = self.G.reshape(self.groups, self.group, self.groups, self.group)
+        return tuple(G4[:, columns, :, columns].reshape(self.groups * (columns.stop - columns.start), -1)
+                     for _, columns in self.blocks)
 
     def restrict(self, columns: Tensor) -> "LassoStats":
         """The statistics of the problem on the inputs ``columns`` only (the others fixed at zero).
@@ -79,7 +120,9 @@ class LassoStats:
             if not whole:
                 raise ValueError(f"restrict: with group size {self.group} the columns must be whole groups "
                                  f"(c*{self.group} .. c*{self.group}+{self.group - 1}, in this order); use restrict_groups")
-        return LassoStats(self.G[columns][:, columns], self.C[:, columns], self.s, self.n, self.group)
+        # Whole groups in order: each consumer keeps its within-group columns, so the structure
+        # holds unchanged on the kept columns.
+        return LassoStats(self.G[columns][:, columns], self.C[:, columns], self.s, self.n, self.group, self.blocks)
 
     def restrict_groups(self, groups: Tensor) -> "LassoStats":
         """The statistics of the problem on the groups ``groups`` (indices) only."""

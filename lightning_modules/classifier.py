@@ -1,7 +1,7 @@
 """Training a classifier with weight decay: the network the project later compresses."""
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import pytorch_lightning as pl
 import torch
@@ -10,16 +10,23 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from models import build_model
 from models.checkpoints import CheckpointMismatchError, network_from_state, read_checkpoint
+from models.registry import NetworkSpec
 
 
 class Classifier(pl.LightningModule):
     """Cross-entropy training of ``arch`` with weight decay, accuracy by torchmetrics.
 
     Args:
-        arch: ``alexnet`` (torchvision's) or ``vgg19`` (CIFAR variant with batch norm).
+        arch: the network: a short name (``alexnet``, torchvision's; ``vgg19``, the CIFAR variant
+            with batch norm; ``resnet20`` ... ``resnet110``, the CIFAR ResNets), any torchvision
+            classification model by name (``resnet18``, ``mobilenet_v2``, ``efficientnet_b0``, ...),
+            or any importable module as ``{class_path: package.module.Class, init_args: {...}}``
+            (see ``models.registry``). It is saved with the checkpoint, so ``compress.py`` and
+            ``load_network`` rebuild the network from it.
         num_classes: outputs of the last layer.
+        small_input: give a torchvision network a stem for 32x32 images (stride 1, no max-pool;
+            ``models.registry.SMALL_INPUT_STEMS``).
         optimizer: ``adam`` or ``sgd`` (with ``momentum``, Nesterov off).
         lr: learning rate; weight_decay: L2 coefficient given to the optimizer (the
             weight decay whose effect on width the project studies).
@@ -34,8 +41,9 @@ class Classifier(pl.LightningModule):
 
     def __init__(
         self,
-        arch: Literal["alexnet", "vgg19"] = "alexnet",
+        arch: Union[str, dict[str, Any]] = "alexnet",
         num_classes: int = 10,
+        small_input: bool = False,
         optimizer: Literal["adam", "sgd"] = "adam",
         lr: float = 1e-3,
         momentum: float = 0.9,
@@ -49,10 +57,8 @@ class Classifier(pl.LightningModule):
         if lr <= 0 or weight_decay < 0:
             raise ValueError(f"lr must be > 0 and weight_decay >= 0 (got lr={lr}, weight_decay={weight_decay})")
         self.save_hyperparameters()
-        if init_checkpoint:
-            self.model = model_from_checkpoint(init_checkpoint, arch, num_classes)
-        else:
-            self.model = build_model(arch, num_classes)
+        spec = NetworkSpec(arch, num_classes, small_input)
+        self.model = model_from_checkpoint(init_checkpoint, spec) if init_checkpoint else spec.build()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -116,29 +122,29 @@ class Classifier(pl.LightningModule):
         return callbacks
 
 
-def model_from_checkpoint(path: str, arch: str, num_classes: int) -> torch.nn.Module:
-    """``build_model(arch, num_classes)`` with the weights of ``path``, resized to its layer shapes
-    when they are smaller (a compressed network), in train mode.
+def model_from_checkpoint(path: str, spec: NetworkSpec) -> torch.nn.Module:
+    """``spec.build()`` with the weights of ``path``, resized to its layer shapes when they are
+    smaller (a compressed network), in train mode.
 
     Raises ``CheckpointMismatchError`` naming the keys when the file does not fit: missing or
     unexpected keys, or a layer larger than the architecture's (or another number of classes).
     """
-    state, _ = read_checkpoint(path)
+    state, _ = read_checkpoint(path, arch=spec.arch)
     with torch.device("meta"):  # shapes only, no memory
-        full = build_model(arch, num_classes).state_dict()
+        full = spec.build().state_dict()
     grown = sorted(
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(full[k].shape)}"
         for k in set(full) & set(state)
         if state[k].ndim != full[k].ndim or any(a > b for a, b in zip(state[k].shape, full[k].shape))
     )
     last = [k for k, v in full.items() if k.endswith(".weight") and v.ndim == 2][-1]
-    if last in state and state[last].shape[0] != num_classes:
-        grown.append(f"{last}: {state[last].shape[0]} outputs vs num_classes {num_classes}")
+    if last in state and state[last].shape[0] != spec.num_classes:
+        grown.append(f"{last}: {state[last].shape[0]} outputs vs num_classes {spec.num_classes}")
     if grown:
         shown = ", ".join(grown[:12]) + (f", ... ({len(grown) - 12} more)" if len(grown) > 12 else "")
         raise CheckpointMismatchError(
-            f"{path} does not fit the {arch} network with {num_classes} classes:\n"
+            f"{path} does not fit the {spec.label} network with {spec.num_classes} classes:\n"
             f"  shape mismatches ({len(grown)}): {shown}\n"
             "  a compressed network's layers can only be smaller; check arch, num_classes or the file itself"
         )
-    return network_from_state(state, arch, num_classes, source=str(path)).train()
+    return network_from_state(state, spec, source=str(path)).train()

@@ -57,6 +57,19 @@ class SolverOptimizer(torch.optim.Optimizer):
             self.V.copy_(self.solver.V)
 
 
+class StepCounter(DataLoader):
+    """The solve's "data": one counter per step, every batch the same to the solver (the data are
+    the statistics). So it resumes from any point of an epoch: its state is empty. Saying so
+    (Lightning's ``state_dict``/``load_state_dict`` protocol) answers the warning Lightning gives
+    when a run resumes from a checkpoint taken mid-epoch with a loader it cannot restore."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: every batch is the same to the solver."""
+
+
 class LassoCompression(pl.LightningModule):
     """Multi-task lasso on one layer's statistics (see module doc).
 
@@ -135,7 +148,7 @@ class LassoCompression(pl.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         """Step counters only: the data are the statistics."""
-        return DataLoader(torch.arange(self.hparams.steps_per_epoch), batch_size=1)
+        return StepCounter(torch.arange(self.hparams.steps_per_epoch), batch_size=1)
 
     @property
     def log_every(self) -> int:

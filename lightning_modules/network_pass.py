@@ -14,7 +14,8 @@ sampler: no sample is counted twice) and sums are all-reduced at the end.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from functools import partial
+from typing import Any, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -29,89 +30,109 @@ from models.pruned import IndexedLinear
 @dataclass
 class PassResult:
     """Sums over the whole data set (all ranks): mean cross-entropy, accuracy, sample count
-    (images), and the layer's ``LassoStats`` when a layer was named. For a Conv2d layer the
-    statistics' own ``n`` counts patches: images times output positions (or times the
-    sampled ``positions`` per image)."""
+    (images), and, when layers were named, each one's ``LassoStats`` by module path. For a
+    Conv2d layer the statistics' own ``n`` counts patches: images times output positions (or
+    times the sampled ``positions`` per image)."""
 
     loss: float
     accuracy: float
     n: int
-    stats: Optional[LassoStats] = None
+    stats: Optional[dict[str, LassoStats]] = None
 
 
 class NetworkPass(pl.LightningModule):
     """Evaluate ``network`` (eval mode, no gradients) and optionally collect the statistics
-    G, C, s of its layer ``layer``: a Linear layer (inputs x: (B, K), outputs y: (B, D),
-    bias b) or a Conv2d (patches (B*P, C_in*kh*kw), outputs (B*P, D), bias b, group size
-    kh*kw; see ``grouplasso.conv``).
+    G, C, s of its ``layers`` in the same pass: a Linear layer (inputs x: (B, K), outputs y:
+    (B, D), bias b) or a Conv2d (patches (B*P, C_in*kh*kw), outputs (B*P, D), bias b, group
+    size kh*kw; see ``grouplasso.conv``). The several layers of a coupled group (every
+    consumer of one residual stream) are collected together.
 
-    ``positions`` (Conv2d only): sample that many output positions of each image (without
-    replacement, reproducibly from ``seed``) instead of using all of them; the statistics'
-    ``n`` is then images * positions (all positions when the output has no more).
+    ``positions`` (Conv2d layers; Linear layers ignore it): sample that many output positions
+    of each image (without replacement, reproducibly from ``seed``) instead of using all of
+    them; the statistics' ``n`` is then images * positions (all positions when the output has
+    no more).
     """
 
-    def __init__(self, network: nn.Module, layer: Optional[str] = None, positions: Optional[int] = None,
+    def __init__(self, network: nn.Module, layers: Sequence[str] = (), positions: Optional[int] = None,
                  seed: int = 0) -> None:
         super().__init__()
         self.network = network
-        self.layer = layer
+        self.layers = tuple(layers)
         self.positions, self.seed = positions, seed
         self.result: Optional[PassResult] = None
 
     def on_predict_start(self) -> None:
-        """Eval mode, zeroed sums, and the statistics hook on ``layer`` when one is named."""
+        """Eval mode, zeroed sums, and a statistics hook on every named layer."""
         self.network.eval()
         dev = self.device
         self._sums = {"loss": torch.zeros((), dtype=torch.float64, device=dev),
                       "correct": torch.zeros((), dtype=torch.float64, device=dev),
                       "n": torch.zeros((), dtype=torch.float64, device=dev)}
-        self._accumulator: Optional[StatsAccumulator | ConvStatsAccumulator] = None
-        self._hook = None
-        if self.layer is not None:
-            module = self.network.get_submodule(self.layer)
+        self._accumulators: dict[str, StatsAccumulator | ConvStatsAccumulator] = {}
+        self._hooks = []
+        self._batch = 0
+        for index, layer in enumerate(self.layers):
+            module = self.network.get_submodule(layer)
             if isinstance(module, nn.Conv2d):  # refuses the convolutions grouplasso.conv cannot unfold
-                self._accumulator = ConvStatsAccumulator(module, device=dev, positions=self.positions, seed=self.seed)
-                self._hook = module.register_forward_hook(self._capture_conv)
-            else:
-                if self.positions is not None:
-                    raise ValueError(f"positions={self.positions} applies to convolutions only; "
-                                     f"{self.layer!r} is a {type(module).__name__}")
-                linear = module
-                self._accumulator = StatsAccumulator(
-                    linear.in_features, linear.out_features, bias=linear.bias.detach() if linear.bias is not None else None,
-                    device=dev,
+                # one sampler stream per layer: the draws of one do not depend on the others
+                self._accumulators[layer] = ConvStatsAccumulator(module, device=dev, positions=self.positions,
+                                                                 seed=self.seed + index)
+                self._hooks.append(module.register_forward_hook(partial(self._capture_conv, layer)))
+            else:  # a Linear layer: one sample per image (per token for (B, T, K) inputs)
+                self._accumulators[layer] = StatsAccumulator(
+                    module.in_features, module.out_features,
+                    bias=module.bias.detach() if module.bias is not None else None, device=dev,
                 )
-                self._hook = linear.register_forward_hook(self._capture)
+                self._hooks.append(module.register_forward_hook(partial(self._capture, layer)))
 
-    def _capture(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    def _check(self, layer: str, x: Tensor, y: Tensor) -> None:
+        """Stop at the first batch whose activations at ``layer`` are not finite (a NaN would make
+        the whole statistics NaN, and the solve fail later with a less helpful message)."""
+        if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
+            raise FloatingPointError(f"batch {self._batch} gives non-finite inputs or outputs at {layer!r} (NaN or "
+                                     "inf): check the data (its transform and normalisation) and the network's weights")
+
+    def _capture(self, layer: str, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         # Consumed right here: the next in-place ReLU would overwrite ``output``.
+        self._check(layer, inputs[0], output)
         x = inputs[0]
         if isinstance(module, IndexedLinear):
             x = x.index_select(-1, module.index)
-        self._accumulator.update(x.detach(), output.detach())
+        self._accumulators[layer].update(x.detach().reshape(-1, x.shape[-1]), output.detach().reshape(-1, output.shape[-1]))
 
-    def _capture_conv(self, module: nn.Conv2d, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    def _capture_conv(self, layer: str, module: nn.Conv2d, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         # Consumed right here, like ``_capture`` (patches fed in chunks: bounded memory).
-        self._accumulator.update(inputs[0].detach(), output.detach())
+        self._check(layer, inputs[0], output)
+        self._accumulators[layer].update(inputs[0].detach(), output.detach())
 
-    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Forward one batch (the hook accumulates the statistics) and add to the sums."""
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> int:
+        """Forward one batch (the hooks accumulate the statistics) and add to the sums; returns the
+        batch's size (the sums are the result; Lightning keeps nothing with ``return_predictions=False``,
+        and a ``None`` would make it warn on every pass)."""
         images, labels = batch
+        self._batch = batch_idx
         logits = self.network(images)
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError(f"batch {batch_idx} gives non-finite outputs (NaN or inf): check the data (its "
+                                     "transform and normalisation) and the network's weights")
         self._sums["loss"] += F.cross_entropy(logits.double(), labels, reduction="sum")
         self._sums["correct"] += (logits.argmax(dim=1) == labels).sum()
         self._sums["n"] += len(labels)
+        return len(labels)
 
     def on_predict_epoch_end(self) -> None:
         """All-reduce the sums over the processes and finish the result."""
         reduce = self._reduce_sum
         sums = {k: reduce(v) for k, v in self._sums.items()}
         n = require_samples(int(sums["n"].item()))
+        for hook in self._hooks:
+            hook.remove()
         stats = None
-        if self._accumulator is not None:
-            self._hook.remove()
-            self._accumulator.all_reduce(reduce)
-            stats = self._accumulator.finalize()
+        if self._accumulators:
+            stats = {}
+            for layer, accumulator in self._accumulators.items():
+                accumulator.all_reduce(reduce)
+                stats[layer] = accumulator.finalize()
         self.result = PassResult(loss=float(sums["loss"]) / n, accuracy=float(sums["correct"]) / n, n=n, stats=stats)
 
     def _reduce_sum(self, tensor: Tensor) -> Tensor:
@@ -120,15 +141,15 @@ class NetworkPass(pl.LightningModule):
         return self.trainer.strategy.reduce(tensor, reduce_op="sum")
 
 
-def run_pass(trainer: pl.Trainer, network: nn.Module, loader: Any, layer: Optional[str] = None,
+def run_pass(trainer: pl.Trainer, network: nn.Module, loader: Any, layers: Sequence[str] = (),
              positions: Optional[int] = None, seed: int = 0) -> PassResult:
-    """Evaluate ``network`` over ``loader`` (and collect ``layer``'s statistics) with ``trainer``;
-    ``positions``, ``seed``: a Conv2d layer's position sampling (see ``NetworkPass``).
+    """Evaluate ``network`` over ``loader`` (and collect the statistics of ``layers``) with
+    ``trainer``; ``positions``, ``seed``: a Conv2d layer's position sampling (see ``NetworkPass``).
 
     Make ``trainer`` with ``inference_mode=False`` (gradients are still off): statistics
     created under inference mode could not be updated in place later.
     """
-    module = NetworkPass(network, layer, positions=positions, seed=seed)
+    module = NetworkPass(network, layers, positions=positions, seed=seed)
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     if module.result is None:  # Lightning skips the epoch hooks when there are no batches
         require_samples(0)
@@ -167,8 +188,9 @@ class BlockInputPass(pl.LightningModule):
         if self._checked:
             raise _HeadReached
 
-    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Run the network up to the head and write the head's inputs with the labels."""
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> int:
+        """Run the network up to the head and write the head's inputs with the labels; returns the
+        batch's size (see ``NetworkPass.predict_step``)."""
         images, labels = batch
         if not self._checked:  # one full forward: is the head's output the network's output?
             logits = self.network(images)
@@ -182,6 +204,7 @@ class BlockInputPass(pl.LightningModule):
             except _HeadReached:
                 pass
         self.writer.write(self._inputs, labels)
+        return len(labels)
 
     def on_predict_epoch_end(self) -> None:
         """Remove the hook."""

@@ -1,4 +1,4 @@
 """Network definitions, checkpoint loading, layer analysis and surgery (plain nn.Modules)."""
-from models.registry import ARCHS, build_model
+from models.registry import SHORT_NAMES, NetworkSpec, build_model
 
-__all__ = ["ARCHS", "build_model"]
+__all__ = ["SHORT_NAMES", "NetworkSpec", "build_model"]

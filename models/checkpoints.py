@@ -1,7 +1,8 @@
 """Reading and writing network weights in every format the project meets.
 
 Accepted on reading:
-- the project's own files (``save_network``): ``{"arch", "num_classes", "state_dict"}``;
+- the project's own files (``save_network``): ``{"arch", "num_classes", "small_input", "state_dict"}``
+  (``arch`` a name or a ``{class_path, init_args}`` mapping, ``models.registry``);
 - Lightning checkpoints of ``lightning_modules.classifier.Classifier`` (keys ``model.*``);
 - a plain state dict (``torch.save(model.state_dict())``), e.g. torchvision AlexNet's;
 - the paper authors' VGG-19 checkpoints: a dict whose ``"net"`` holds the state dict;
@@ -13,13 +14,13 @@ compressed network loads and runs without the original.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from models.pruned import IndexedLinear, resized_conv
-from models.registry import ARCHS, build_model
+from models.pruned import IndexedLinear, is_depthwise, resized_conv
+from models.registry import SHORT_NAMES, Arch, NetworkSpec
 from models.surgery import replace_module
 
 FORMAT = "narrow-network/1"
@@ -29,26 +30,28 @@ class CheckpointMismatchError(ValueError):
     """A state dict does not fit a network; the message lists the differing keys."""
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Return ``(state_dict, info)``; ``info`` holds ``arch``/``num_classes`` (from the file, else
-    inferred from the keys) and, for a Lightning checkpoint, the module's hyper-parameters as
-    ``info["hparams"]`` (optimizer, lr, weight_decay, ... of the training run)."""
+def read_checkpoint(path: str | Path, arch: Optional[Arch] = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Return ``(state_dict, info)``; ``info`` holds ``arch``/``num_classes``/``small_input``
+    (from the file, else inferred from the keys; ``arch`` given here is not inferred) and, for
+    a Lightning checkpoint, the module's hyper-parameters as ``info["hparams"]`` (optimizer, lr,
+    weight_decay, ... of the training run)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     obj = torch.load(path, map_location="cpu", weights_only=False)
-    return unpack_checkpoint(obj)
+    return unpack_checkpoint(obj, arch)
 
 
-def unpack_checkpoint(obj: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def unpack_checkpoint(obj: Any, arch: Optional[Arch] = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The state dict and what is known of the network in any accepted format (see module doc)."""
     info: dict[str, Any] = {}
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        info = {"arch": obj["arch"], "num_classes": obj["num_classes"], **obj.get("extra", {})}
+        info = {k: obj[k] for k in ("arch", "num_classes", "small_input") if k in obj}
+        info.update(obj.get("extra", {}))
         state = obj["state_dict"]
     elif isinstance(obj, dict) and "state_dict" in obj and "pytorch-lightning_version" in obj:
         hparams = obj.get("hyper_parameters", {})
-        info = {k: hparams[k] for k in ("arch", "num_classes") if k in hparams}
+        info = {k: hparams[k] for k in ("arch", "num_classes", "small_input") if k in hparams}
         if hparams:  # LightningCLI's private entries (``_instantiator``, ...) are left out
             info["hparams"] = {k: v for k, v in dict(hparams).items() if not str(k).startswith("_")}
         state = {k[len("model."):]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
@@ -69,21 +72,35 @@ def unpack_checkpoint(obj: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
             "network file, or a dict whose 'net' holds a state dict"
         )
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    info.setdefault("arch", infer_arch(state))
+    if arch is not None:
+        info["arch"] = arch
+    if "arch" not in info:
+        info["arch"] = infer_arch(state)
     info.setdefault("num_classes", infer_num_classes(state))
     return state, info
 
 
-def infer_arch(state: dict[str, Tensor]) -> str:
-    """``alexnet`` (torchvision names) or ``vgg19`` (the authors' names), from the keys."""
-    if "features.0.weight" in state:
+def infer_arch(state: dict[str, Tensor]) -> Arch:
+    """The network from a plain state dict's keys: ``alexnet`` (torchvision names), ``vgg19``
+    (the authors' names) or a CIFAR ResNet (``resnet20`` ... ``resnet110``: a 16-channel 3x3
+    ``conv1`` and three ``layer<i>`` stages of BasicBlocks). Any other network says which
+    network it is in the file (``save_network``, a Lightning checkpoint) or on the command line."""
+    first = state.get("features.0.weight")
+    if first is not None and first.ndim == 4 and tuple(first.shape[2:]) == (11, 11):  # AlexNet's 11x11 stem
         return "alexnet"
     if "conv1.weight" in state and "batch_norm1.weight" in state:
         return "vgg19"
+    conv1 = state.get("conv1.weight")
+    if conv1 is not None and tuple(conv1.shape[1:]) == (3, 3, 3) and "layer4.0.conv1.weight" not in state:
+        blocks = {k.split(".")[1] for k in state if k.startswith("layer1.") and k.endswith(".conv1.weight")}
+        depth = 6 * len(blocks) + 2
+        if blocks and f"resnet{depth}" in SHORT_NAMES and "layer1.0.conv3.weight" not in state:
+            return f"resnet{depth}"
     raise CheckpointMismatchError(
-        f"cannot tell the architecture from the keys (first ones: {list(state)[:5]}); "
-        f"known architectures: {', '.join(ARCHS)} (torchvision AlexNet keys 'features.0.weight', ...; "
-        "VGG-19 keys 'conv1.weight', 'batch_norm1.weight', ...)"
+        f"cannot tell the network from the keys of a plain state dict (first ones: {list(state)[:5]}); "
+        "say which it is with --arch (a short name such as resnet56, any torchvision model name such as "
+        "mobilenet_v2, or {class_path: ..., init_args: ...}); recognised from the keys alone: alexnet, vgg19 "
+        "and the CIFAR ResNets"
     )
 
 
@@ -94,32 +111,56 @@ def infer_num_classes(state: dict[str, Tensor]) -> int:
     return int(state[linear_weights[-1]].shape[0])
 
 
-def load_network(path: str | Path, arch: str | None = None, num_classes: int | None = None) -> nn.Module:
+def load_network(path: str | Path, arch: Optional[Arch] = None, num_classes: Optional[int] = None,
+                 small_input: Optional[bool] = None) -> nn.Module:
     """A network with the weights of ``path`` (any accepted format), in eval mode.
 
-    ``arch``/``num_classes`` override what the file says; layers are resized to the
-    checkpoint's shapes (compressed networks), then loaded strictly.
+    ``arch``/``num_classes``/``small_input`` override what the file says (a plain state dict
+    of a network other than those ``infer_arch`` knows needs ``arch``); layers are resized to
+    the checkpoint's shapes (compressed networks), then loaded strictly.
     """
-    state, info = read_checkpoint(path)
-    return network_from_state(state, arch or info["arch"], num_classes or info["num_classes"], source=str(path))
+    state, info = read_checkpoint(path, arch=arch)
+    spec = network_spec(info, arch=arch, num_classes=num_classes, small_input=small_input)
+    return network_from_state(state, spec, source=str(path))
 
 
-def network_from_state(state: dict[str, Tensor], arch: str, num_classes: int, source: str = "checkpoint") -> nn.Module:
-    """``build_model(arch, num_classes)`` resized to and loaded with ``state``, in eval mode."""
-    model = build_model(arch, num_classes)
+def network_spec(info: dict[str, Any], arch: Optional[Arch] = None, num_classes: Optional[int] = None,
+                 small_input: Optional[bool] = None) -> NetworkSpec:
+    """The ``NetworkSpec`` of ``read_checkpoint``'s ``info``, with any of its fields overridden."""
+    return NetworkSpec(arch if arch is not None else info["arch"],
+                       int(num_classes if num_classes is not None else info["num_classes"]),
+                       bool(small_input if small_input is not None else info.get("small_input", False)))
+
+
+def check_finite(state: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Refuse a state dict with a NaN or an infinity, in one line naming the first such tensor
+    and entry: such a network cannot be compressed (its statistics would be NaN too), and
+    saying so before any pass over the data costs nothing."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = ~torch.isfinite(tensor)
+            where = tuple(int(i) for i in torch.nonzero(bad)[0]) if tensor.ndim else ()
+            value = tensor[where] if tensor.ndim else tensor
+            raise ValueError(f"{source}: {name}{list(where) if where else ''} is {float(value)} ({int(bad.sum())} "
+                             f"non-finite of {tensor.numel()} values in that tensor): training diverged or the file is "
+                             "damaged; use an earlier checkpoint or retrain")
+
+
+def network_from_state(state: dict[str, Tensor], spec: NetworkSpec, source: str = "checkpoint") -> nn.Module:
+    """``spec.build()`` resized to and loaded with ``state`` (refused with ``check_finite`` when it
+    holds a NaN or an infinity), in eval mode."""
+    check_finite(state, source)
+    model = spec.build()
     resize_to_state_dict(model, state)
     load_state_dict_strict(model, state, source=source)
     return model.eval()
 
 
-def save_network(model: nn.Module, path: str | Path, arch: str, num_classes: int, **extra: Any) -> Path:
+def save_network(model: nn.Module, path: str | Path, spec: NetworkSpec, **extra: Any) -> Path:
     """Save weights with what ``load_network`` needs to rebuild the (possibly compressed) network."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"format": FORMAT, "arch": arch, "num_classes": num_classes, "state_dict": model.state_dict(), "extra": extra},
-        path,
-    )
+    torch.save({"format": FORMAT, **spec.to_dict(), "state_dict": model.state_dict(), "extra": extra}, path)
     return path
 
 
@@ -145,14 +186,14 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, Tensor], source: s
 
 
 def resize_to_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Replace Linear/Conv2d/BatchNorm2d layers whose checkpoint shapes are smaller
-    (compressed networks) by fresh layers of those shapes; ``IndexedLinear`` where the
-    checkpoint has an ``index`` buffer. Layers the checkpoint lacks are left alone."""
+    """Replace the layers whose checkpoint shapes differ (compressed networks) by fresh layers
+    of those shapes: Linear (``IndexedLinear`` where the checkpoint has an ``index`` buffer),
+    Conv2d (a depthwise one stays depthwise), BatchNorm, PReLU. Layers the checkpoint lacks
+    are left alone."""
     for name, module in list(model.named_modules()):
         weight = state.get(f"{name}.weight")
-        if weight is None:
-            continue
-        if isinstance(module, nn.Linear) and (f"{name}.index" in state or weight.shape != module.weight.shape):
+        if isinstance(module, nn.Linear) and weight is not None \
+                and (f"{name}.index" in state or weight.shape != module.weight.shape):
             bias = f"{name}.bias" in state
             if f"{name}.index" in state:
                 new: nn.Module = IndexedLinear(
@@ -161,8 +202,14 @@ def resize_to_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
             else:
                 new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias)
             replace_module(model, name, new)
-        elif isinstance(module, nn.Conv2d) and weight.shape != module.weight.shape:
-            replace_module(model, name, resized_conv(module, weight.shape[0], weight.shape[1]))
-        elif isinstance(module, nn.BatchNorm2d) and weight.shape != module.weight.shape:
-            replace_module(model, name, nn.BatchNorm2d(weight.shape[0], eps=module.eps, momentum=module.momentum))
-
+        elif isinstance(module, nn.Conv2d) and weight is not None and weight.shape != module.weight.shape:
+            in_channels = weight.shape[0] if is_depthwise(module) else weight.shape[1] * module.groups
+            replace_module(model, name, resized_conv(module, weight.shape[0], in_channels))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            entries = state.get(f"{name}.weight", state.get(f"{name}.running_mean"))
+            if entries is not None and entries.shape[0] != module.num_features:
+                replace_module(model, name, type(module)(entries.shape[0], eps=module.eps, momentum=module.momentum,
+                                                         affine=module.affine,
+                                                         track_running_stats=module.track_running_stats))
+        elif isinstance(module, nn.PReLU) and weight is not None and weight.shape != module.weight.shape:
+            replace_module(model, name, nn.PReLU(weight.shape[0]))

@@ -44,6 +44,23 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
 
 
 @torch.no_grad()
+def module_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+    """Multiply-adds of one sample of shape ``input_shape`` (C, H, W) in every module that does
+    them itself (convolutions and Linear layers, by module path): what a channel of each costs."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model.eval()(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+    root = type(model).__name__ + "."
+    leaves = {name for name, m in model.named_modules() if not any(True for _ in m.children())}
+    return {name[len(root):]: sum(counts.values()) // 2 for name, counts in counter.get_flop_counts().items()
+            if name.startswith(root) and name[len(root):] in leaves}
+
+
+@torch.no_grad()
 def latency_ms(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1, repeats: int = 30) -> float:
     """Median wall-clock time (ms) of a forward pass of ``batch_size`` samples, after warm-up."""
     device = next(model.parameters()).device
@@ -60,3 +77,16 @@ def latency_ms(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1
         if i >= 3:
             times.append(time.perf_counter() - start)
     return 1000.0 * sorted(times)[len(times) // 2]
+
+
+def latencies_in_turns(networks: dict[str, nn.Module], input_shape: Sequence[int],
+                       batch_sizes: Sequence[int] = (1,), rounds: int = 7) -> dict[str, dict[int, float]]:
+    """CPU (or GPU) latency in ms of several networks at each batch size, measured in turns: each
+    round times every network once (``latency_ms``), so that load on the machine affects all
+    alike; the median over ``rounds``. Returns {name: {batch size: ms}}."""
+    times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batch_sizes} for name in networks}
+    for _ in range(rounds):
+        for name, network in networks.items():
+            for b in batch_sizes:
+                times[name][b].append(latency_ms(network, input_shape, batch_size=b))
+    return {name: {b: sorted(t)[len(t) // 2] for b, t in per.items()} for name, per in times.items()}

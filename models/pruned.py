@@ -27,10 +27,23 @@ class IndexedLinear(nn.Linear):
         return super().extra_repr() + ", indexed"
 
 
+def is_depthwise(conv: nn.Conv2d) -> bool:
+    """One filter per channel (``groups == in_channels == out_channels > 1``): channel c in,
+    channel c out, so the convolution acts per channel."""
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
 def resized_conv(conv: nn.Conv2d, out_channels: int, in_channels: int | None = None) -> nn.Conv2d:
-    """A fresh Conv2d like ``conv`` with other channel counts."""
+    """A fresh Conv2d like ``conv`` with other channel counts; a depthwise ``conv`` stays
+    depthwise (``groups`` = the new channel count, which ``in_channels`` must equal)."""
+    groups = conv.groups
+    if is_depthwise(conv):
+        in_channels = out_channels if in_channels is None else in_channels
+        if in_channels != out_channels:
+            raise ValueError(f"a depthwise convolution keeps in = out channels, got {in_channels} and {out_channels}")
+        groups = out_channels
     return nn.Conv2d(
         conv.in_channels if in_channels is None else in_channels, out_channels, conv.kernel_size,
-        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=groups,
         bias=conv.bias is not None, padding_mode=conv.padding_mode,
     )

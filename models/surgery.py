@@ -1,18 +1,21 @@
-"""Physically removing neurons: a compressed layer's zero columns become a smaller network.
+"""Physically removing neurons: a group's unused channels leave every module they touch.
 
-Given a Linear layer (``LayerInfo``) and its new weight ``V`` (D, K) whose zero columns
-mark unused inputs, ``remove_neurons`` returns a copy of the network where
-- the layer keeps only the surviving columns S: weight ``V[:, S]``, same bias;
-- a Linear producer keeps only rows S (weight and bias), a BatchNorm after it entries S;
-- a Conv2d producer keeps the channels with at least one surviving position (and its
-  BatchNorm those entries); if some positions of a kept channel are unused, the layer
-  becomes an ``IndexedLinear`` that reads only the surviving ones.
-For a Conv2d layer (``info.kind == "conv"``), ``V`` is the flattened weight (D, C_in*kh*kw)
-(or the weight's own 4-D shape) and an input channel is removed when its group of kh*kw
-columns is zero: the layer keeps input channels S (weight ``V[:, S]``), the producer conv
-output channels S, a BatchNorm between them entries S.
-Dropout and pooling need no change. The copy computes exactly what the original
-computes with ``V`` in place of the layer's weight (``with_weight``).
+A ``NeuronGroup`` (``models.dependency``) lists the producers of some channels, the
+per-channel modules in between and the consumers that read them. Given new weights for the
+consumers (``weights``: module path -> the layer's problem layout (D, K), or the weight's
+own shape), channel c is unused when every consumer's columns for c are zero, and
+``remove_neurons`` returns a copy of the network where
+- every producer keeps only the used output units (rows and biases of a Linear, filters of a
+  Conv2d);
+- every per-channel module keeps their entries (a BatchNorm's statistics and affine
+  parameters, a depthwise convolution's filters, a PReLU's slopes);
+- every consumer keeps the used channels' columns of its new weight: a Conv2d its input
+  channels, a Linear its inputs (after flattening, a channel's positions; where some
+  positions of a kept channel are unused the layer becomes an ``IndexedLinear`` that reads
+  only the others).
+Elementwise activations, dropout and pooling need no change. The copy computes exactly what
+``with_weights(network, weights)`` computes: the original with the new weights in place,
+zero columns included.
 """
 from __future__ import annotations
 
@@ -21,22 +24,23 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from grouplasso import active_columns, active_groups
-from models.layers import LayerInfo
-from models.pruned import IndexedLinear, resized_conv
+from grouplasso import active_columns
+from models.dependency import Consumer, NeuronGroup
+from models.pruned import IndexedLinear, is_depthwise, resized_conv
 
 
-def with_weight(model: nn.Module, layer: str, V: Tensor) -> nn.Module:
-    """A copy of ``model`` whose ``layer`` weight is ``V`` (zero columns kept): the weight's
-    shape, or for a Conv2d also the flattened (D, C_in*kh*kw) of the compression problem."""
+def with_weights(model: nn.Module, weights: dict[str, Tensor]) -> nn.Module:
+    """A copy of ``model`` whose layers named in ``weights`` have those weights (zero columns
+    kept): each the weight's shape, or for a Conv2d also the flattened (D, C_in*kh*kw)."""
     out = copy.deepcopy(model)
-    weight = out.get_submodule(layer).weight
-    with torch.no_grad():
-        weight.copy_(_as_weight(V, weight, layer).to(weight.dtype))
+    for layer, V in weights.items():
+        weight = out.get_submodule(layer).weight
+        with torch.no_grad():
+            weight.copy_(as_weight(V, weight, layer).to(weight.dtype))
     return out
 
 
-def _as_weight(V: Tensor, weight: Tensor, name: str) -> Tensor:
+def as_weight(V: Tensor, weight: Tensor, name: str) -> Tensor:
     """``V`` in the weight's shape; a flattened (D, -1) conv weight is reshaped."""
     if V.shape == weight.shape:
         return V
@@ -46,61 +50,47 @@ def _as_weight(V: Tensor, weight: Tensor, name: str) -> Tensor:
     raise ValueError(f"V has shape {tuple(V.shape)} but {name!r} has weight {tuple(weight.shape)}{expected}")
 
 
-def remove_neurons(model: nn.Module, info: LayerInfo, V: Tensor) -> nn.Module:
-    """A smaller copy of ``model`` with the neurons feeding the zero columns of ``V`` removed."""
-    out = copy.deepcopy(model)
-    layer = out.get_submodule(info.name)
-    if info.kind == "conv":
-        _remove_input_channels(out, info, layer, _as_weight(V, layer.weight, info.name).to(layer.weight))
-        return out
-    if V.shape != layer.weight.shape:
-        raise ValueError(f"V has shape {tuple(V.shape)} but {info.name!r} has weight {tuple(layer.weight.shape)}")
-    keep = active_columns(V).to(layer.weight.device)
-    V = V.to(layer.weight)
-    if info.producer_kind == "linear":
-        _keep_outputs(out, info.producer, keep)
-        if info.norm:
-            _keep_norm_entries(out, info.norm, keep)
-        new = nn.Linear(len(keep), layer.out_features, bias=layer.bias is not None)
-    else:
-        source = layer.index[keep] if isinstance(layer, IndexedLinear) else keep
-        channels = torch.unique(torch.div(source, info.positions, rounding_mode="floor"))
-        _keep_outputs(out, info.producer, channels)
-        if info.norm:
-            _keep_norm_entries(out, info.norm, channels)
-        # Re-number the surviving features in the reduced (channel-major) feature map.
-        rank = torch.full((int(channels.max()) + 1 if len(channels) else 1,), -1, dtype=torch.long, device=source.device)
-        rank[channels] = torch.arange(len(channels), device=source.device)
-        index = rank[torch.div(source, info.positions, rounding_mode="floor")] * info.positions + source % info.positions
-        n_source = len(channels) * info.positions
-        if torch.equal(index, torch.arange(n_source, device=index.device)):
-            new = nn.Linear(len(keep), layer.out_features, bias=layer.bias is not None)
-        else:
-            new = IndexedLinear(index, n_source, layer.out_features, bias=layer.bias is not None)
-    new = new.to(layer.weight)
-    with torch.no_grad():
-        new.weight.copy_(V[:, keep])
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias)
-    replace_module(out, info.name, new)
+def used_channels(model: nn.Module, group: NeuronGroup, weights: dict[str, Tensor]) -> Tensor:
+    """The channels (ascending) that at least one consumer's new weight reads."""
+    used = torch.zeros(group.width, dtype=torch.bool)
+    for consumer in group.consumers:
+        layer = model.get_submodule(consumer.name)
+        V = as_weight(weights[consumer.name], layer.weight, consumer.name).detach().cpu()
+        if consumer.kind == "conv":
+            used |= V.flatten(2).abs().sum(dim=(0, 2)) > 0
+            continue
+        features = active_columns(V).cpu()
+        source = layer.index.cpu()[features] if isinstance(layer, IndexedLinear) else features
+        used[torch.div(source, consumer.positions, rounding_mode="floor")] = True
+    return torch.nonzero(used).flatten()
+
+
+def remove_neurons(model: nn.Module, group: NeuronGroup, weights: dict[str, Tensor]) -> nn.Module:
+    """A smaller copy of ``model`` without the channels of ``group`` that no consumer's new
+    weight reads (see the module doc). ``weights`` holds a new weight for every consumer."""
+    missing = [c.name for c in group.consumers if c.name not in weights]
+    if missing:
+        raise ValueError(f"remove_neurons needs a weight for every consumer of the group; missing {missing}")
+    out = with_weights(model, weights)
+    keep = used_channels(model, group, weights)
+    if len(keep) == 0:
+        # A Conv2d cannot have 0 input channels; one channel whose columns are zero keeps the output exact.
+        keep = torch.zeros(1, dtype=torch.long)
+    prune_channels(out, group, keep)
     return out
 
 
-def _remove_input_channels(model: nn.Module, info: LayerInfo, layer: nn.Conv2d, V: Tensor) -> None:
-    """Conv layer with weight ``V`` (D, C_in, kh, kw): keep the input channels whose slice is nonzero."""
-    keep = active_groups(V.reshape(V.shape[0], -1), V[0, 0].numel()).to(V.device)
-    if len(keep) == 0:
-        # A Conv2d cannot have 0 input channels; one zero channel keeps the output (the bias) exact.
-        keep = torch.zeros(1, dtype=torch.long, device=V.device)
-    _keep_outputs(model, info.producer, keep)
-    if info.norm:
-        _keep_norm_entries(model, info.norm, keep)
-    new = resized_conv(layer, layer.out_channels, len(keep)).to(layer.weight)
-    with torch.no_grad():
-        new.weight.copy_(V[:, keep])
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias)
-    replace_module(model, info.name, new)
+def prune_channels(model: nn.Module, group: NeuronGroup, keep: Tensor) -> None:
+    """Keep only channels ``keep`` (ascending) of ``group`` in ``model``, in place: the
+    producers' outputs, the per-channel modules' entries, the consumers' inputs (their current
+    weights' columns, so set the new weights first)."""
+    keep = keep.to(torch.long).cpu()
+    for name in group.producers:
+        _keep_outputs(model, name, keep)
+    for name in group.channel_ops:
+        _keep_entries(model, name, keep)
+    for consumer in group.consumers:
+        _keep_inputs(model, consumer, keep)
 
 
 def _keep_outputs(model: nn.Module, name: str, keep: Tensor) -> None:
@@ -113,6 +103,7 @@ def _keep_outputs(model: nn.Module, name: str, keep: Tensor) -> None:
     else:
         new = nn.Linear(old.in_features, len(keep), bias=old.bias is not None)
     new = new.to(old.weight)
+    keep = keep.to(old.weight.device)
     with torch.no_grad():
         new.weight.copy_(old.weight[keep])
         if old.bias is not None:
@@ -120,13 +111,62 @@ def _keep_outputs(model: nn.Module, name: str, keep: Tensor) -> None:
     replace_module(model, name, new)
 
 
-def _keep_norm_entries(model: nn.Module, name: str, keep: Tensor) -> None:
+def _keep_entries(model: nn.Module, name: str, keep: Tensor) -> None:
+    """Keep entries ``keep`` of a per-channel module: BatchNorm, depthwise Conv2d, PReLU."""
     old = model.get_submodule(name)
-    new = type(old)(len(keep), eps=old.eps, momentum=old.momentum, affine=old.affine,
-                    track_running_stats=old.track_running_stats).to(old.weight if old.affine else old.running_mean)
-    new.load_state_dict({k: (v[keep] if v.ndim else v) for k, v in old.state_dict().items()})
+    if isinstance(old, nn.Conv2d) and is_depthwise(old):
+        _keep_outputs(model, name, keep)  # filter c reads channel c only: the rows are the channels
+        return
+    if isinstance(old, nn.PReLU):
+        new: nn.Module = nn.PReLU(len(keep)).to(old.weight)
+    elif isinstance(old, nn.modules.batchnorm._BatchNorm):
+        new = type(old)(len(keep), eps=old.eps, momentum=old.momentum, affine=old.affine,
+                        track_running_stats=old.track_running_stats)
+        new = new.to(old.weight if old.affine else old.running_mean)
+    else:
+        raise TypeError(f"{name!r} is a {type(old).__name__}: no per-channel entries to keep")
+    state = old.state_dict()
+    new.load_state_dict({k: (v[keep.to(v.device)] if v.ndim else v) for k, v in state.items()})
     new.train(old.training)  # an eval-mode network stays in eval mode (running statistics, not batch ones)
     replace_module(model, name, new)
+
+
+def _keep_inputs(model: nn.Module, consumer: Consumer, keep: Tensor) -> None:
+    """Keep a consumer's inputs of channels ``keep``: a Conv2d's input channels; a Linear's
+    features of those channels that its weight reads (an ``IndexedLinear`` where a kept
+    channel's positions are not all read)."""
+    layer = model.get_submodule(consumer.name)
+    weight = layer.weight.detach()
+    if consumer.kind == "conv":
+        new: nn.Module = resized_conv(layer, layer.out_channels, len(keep)).to(weight)
+        with torch.no_grad():
+            new.weight.copy_(weight[:, keep.to(weight.device)])
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias)
+        replace_module(model, consumer.name, new)
+        return
+    p = consumer.positions
+    features = active_columns(weight).cpu()
+    source = layer.index.cpu()[features] if isinstance(layer, IndexedLinear) else features
+    channel = torch.div(source, p, rounding_mode="floor")
+    rank = torch.full((max(int(keep.max()) + 1, int(channel.max()) + 1 if len(channel) else 0),), -1,
+                      dtype=torch.long)
+    rank[keep] = torch.arange(len(keep))
+    inside = rank[channel] >= 0
+    features, source, channel = features[inside], source[inside], channel[inside]
+    # The surviving features renumbered in the reduced (channel-major) input.
+    index = rank[channel] * p + source % p
+    n_source = len(keep) * p
+    if torch.equal(index, torch.arange(n_source)):
+        new = nn.Linear(len(features), layer.out_features, bias=layer.bias is not None)
+    else:
+        new = IndexedLinear(index, n_source, layer.out_features, bias=layer.bias is not None)
+    new = new.to(weight)
+    with torch.no_grad():
+        new.weight.copy_(weight[:, features.to(weight.device)])
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias)
+    replace_module(model, consumer.name, new)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

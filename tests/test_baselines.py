@@ -8,8 +8,9 @@ from torch import nn
 from compression.baselines import activation_scores, equal_width_weights, magnitude_scores, top_groups, torch_pruning_network
 from grouplasso import LassoStats, debias, mse
 from grouplasso.prox import active_groups
-from models.layers import LayerInfo, analyse_layer
-from models.surgery import remove_neurons, with_weight
+from models.dependency import Consumer, NeuronGroup
+from models.layers import analyse_layer
+from models.surgery import remove_neurons, with_weights
 
 
 def tiny_mlp(seed: int = 0, steps: int = 30) -> nn.Module:
@@ -84,7 +85,7 @@ def layer_problem(network: nn.Module, layer: str, inputs: torch.Tensor):
     info = analyse_layer(network, layer)
     X, Y = layer_io(network, layer, inputs)
     module = network.get_submodule(layer)
-    stats = LassoStats.from_features(X, Y, bias=module.bias, group=info.group)
+    stats = LassoStats.from_features(X, Y, bias=module.bias, group=info.consumers[0].group)
     return info, stats, X, Y, module.weight.detach().double().reshape(module.weight.shape[0], -1)
 
 
@@ -96,10 +97,10 @@ def make(kind: str):
             "conv2": lambda: (tiny_conv_conv(), conv_inputs(60))}[kind]()
 
 
-def reads(network: nn.Module, info: LayerInfo) -> int:
+def reads(network: nn.Module, info: NeuronGroup) -> int:
     """How many neurons (producer units) the layer reads."""
     layer = network.get_submodule(info.name)
-    return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features // info.positions
+    return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features // info.consumers[0].positions
 
 
 @pytest.mark.parametrize("kind,layer,k", CASES)
@@ -114,10 +115,10 @@ def test_every_baseline_keeps_k_neurons_and_surgery_matches_the_zeroed_original(
     for name, V in weights.items():
         assert V.dtype == torch.float64 and V.shape == W.shape
         assert len(active_groups(V, stats.group)) == k, name
-        small = remove_neurons(network, info, V).eval()  # (surgery's new BatchNorm starts in train mode)
+        small = remove_neurons(network, info, {info.name: V}).eval()  # (surgery's new BatchNorm starts in train mode)
         assert reads(small, info) == k, name
         with torch.no_grad():
-            torch.testing.assert_close(small(probe), with_weight(network, layer, V)(probe), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(small(probe), with_weights(network, {layer: V})(probe), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind,layer,k", CASES)
@@ -278,7 +279,7 @@ def test_torch_pruning_reads_exactly_k_and_touches_only_the_producer_norm_and_la
                                           loss_batches=_batches(kind) if importance == "taylor" else None)
     assert count == k == reads(pruned, info)
     assert not pruned.training and all(p.grad is None for p in pruned.parameters())
-    touched = {info.producer, info.name, info.norm}
+    touched = set(info.modules)
     assert _shapes(pruned, touched) == _shapes(network, touched)
     for name, t in pruned.state_dict().items():
         if name.rpartition(".")[0] not in touched:
@@ -304,15 +305,15 @@ def test_torch_pruning_magnitude_on_an_mlp_drops_the_smallest_group_norms_and_eq
     V = network[4].weight.detach().clone()
     V[:, [j for j in range(12) if j not in kept]] = 0
     with torch.no_grad():
-        torch.testing.assert_close(pruned(inputs), with_weight(network, "4", V)(inputs), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(pruned(inputs), remove_neurons(network, info, V).eval()(inputs), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pruned(inputs), with_weights(network, {"4": V})(inputs), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pruned(inputs), remove_neurons(network, info, {info.name: V}).eval()(inputs), atol=1e-5, rtol=1e-5)
 
 
 def test_torch_pruning_magnitude_on_a_conv_net_scores_filter_gamma_and_consumer_columns():
     _tp()
     network, inputs = make("conv")
     info = analyse_layer(network, "5")
-    assert (info.producer, info.norm, info.positions) == ("0", "1", 16)
+    assert (info.producers, info.channel_ops, info.consumers[0].positions) == (("0",), ("1",), 16)
     k = 3
     pruned, reads = torch_pruning_network(network, info, k, "magnitude", example_inputs=inputs[:2])
     assert reads == k
@@ -324,7 +325,7 @@ def test_torch_pruning_magnitude_on_a_conv_net_scores_filter_gamma_and_consumer_
     V[:, [c for c in range(6) if c not in kept]] = 0
     V = V.reshape(10, 96)
     with torch.no_grad():
-        torch.testing.assert_close(pruned(inputs), with_weight(network, "5", V)(inputs), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pruned(inputs), with_weights(network, {"5": V})(inputs), atol=1e-5, rtol=1e-5)
 
 
 def test_torch_pruning_taylor_on_an_mlp_scores_weight_times_gradient():
@@ -359,7 +360,7 @@ def test_torch_pruning_refuses_other_layers_bad_widths_and_missing_batches():
             return torch.cat([self.head(h), self.side(h)], dim=1)
 
     network = TwoHeads().eval()
-    info = LayerInfo("head", "body", "linear", None, 1)
+    info = NeuronGroup(producers=("body",), channel_ops=(), consumers=(Consumer("head", "linear", 1),), width=16)
     with pytest.raises(ValueError, match="'side'"):
         torch_pruning_network(network, info, 8, example_inputs=mlp_inputs(2))
     mlp = tiny_mlp(steps=0)
@@ -371,3 +372,24 @@ def test_torch_pruning_refuses_other_layers_bad_widths_and_missing_batches():
         torch_pruning_network(mlp, info, 4, "taylor", example_inputs=mlp_inputs(2))
     with pytest.raises(ValueError, match="importance"):
         torch_pruning_network(mlp, info, 4, "l1", example_inputs=mlp_inputs(2))
+
+
+@pytest.mark.parametrize("arch, layer, k", [("resnet20", "layer2.1.conv1", 20), ("resnet20", "layer1.0.conv2", 9),
+                                            ("mobilenet_v2", "features.2.conv.2", 40)])
+def test_torch_pruning_at_equal_width_on_residual_and_depthwise_groups(arch, layer, k):
+    """Torch-Pruning's own dependency graph prunes the same modules as ours (a whole residual
+    stream; an expansion with its depthwise convolution), to the same shapes as our surgery."""
+    _tp()
+    from models.registry import build_model
+    from tests.test_dependency import zeroed_weights
+
+    network = build_model(arch, 10, small_input=arch == "mobilenet_v2").eval()
+    group = analyse_layer(network, layer)
+    x = torch.rand(2, 3, 32, 32)
+    pruned, count = torch_pruning_network(network, group, k, "magnitude", example_inputs=x)
+    assert count == k
+    ours = remove_neurons(network, group, zeroed_weights(network, group, torch.arange(k, group.width)))
+    assert {n: tuple(t.shape) for n, t in pruned.state_dict().items()} == \
+           {n: tuple(t.shape) for n, t in ours.state_dict().items()}
+    with torch.no_grad():
+        assert pruned(x).shape == (2, 10)

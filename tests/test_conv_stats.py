@@ -85,11 +85,11 @@ def assert_stats(stats, G, C, s, n) -> None:
 def test_statistics_equal_those_of_explicit_patches(make):
     net = network_with(make())
     conv = net[2]
-    result = run_pass(trainer(), net, loader(), layer="2")
+    result = run_pass(trainer(), net, loader(), ["2"])
     P, R = explicit_patches(conv, layer_inputs(net))
     assert result.n == IMAGES
-    assert_stats(result.stats, *plain_stats(P.reshape(-1, P.shape[-1]), R.reshape(-1, R.shape[-1])))
-    assert result.stats.n == IMAGES * P.shape[1]
+    assert_stats(result.stats["2"], *plain_stats(P.reshape(-1, P.shape[-1]), R.reshape(-1, R.shape[-1])))
+    assert result.stats["2"].n == IMAGES * P.shape[1]
     # The unfolded rows themselves, in the documented (image, position) order.
     x = layer_inputs(net)
     torch.testing.assert_close(conv_patches(conv, x), P.reshape(-1, P.shape[-1]), rtol=0, atol=0)
@@ -105,7 +105,7 @@ def test_small_inputs_take_the_pixel_route_through_run_pass(make):
     x = layer_inputs(net, 3)
     P, R = explicit_patches(conv, x)
     assert pixel_route_pays(conv, 3, 3, P.shape[1]) == (P.shape[1] > 2)  # not for the 2x1 stride-2 output
-    stats = run_pass(trainer(), net, loader(3), layer="2").stats
+    stats = run_pass(trainer(), net, loader(3), ["2"]).stats["2"]
     assert_stats(stats, *plain_stats(P.reshape(-1, P.shape[-1]), R.reshape(-1, R.shape[-1])))
 
 
@@ -132,7 +132,7 @@ def test_both_routes_over_batches_of_several_sizes(make, route):
 def test_the_convolution_weight_reproduces_the_outputs(make):
     net = network_with(make())
     conv = net[2]
-    stats = run_pass(trainer(), net, loader(), layer="2").stats
+    stats = run_pass(trainer(), net, loader(), ["2"]).stats["2"]
     kh, kw = conv.kernel_size
     assert stats.group == kh * kw
     assert (stats.K, stats.D) == (conv.in_channels * kh * kw, conv.out_channels)
@@ -146,9 +146,9 @@ def test_sampled_positions(make):
     conv = net[2]
     P, R = explicit_patches(conv, layer_inputs(net))
     m = 5
-    a = run_pass(trainer(), net, loader(), layer="2", positions=m, seed=3).stats
-    b = run_pass(trainer(), net, loader(), layer="2", positions=m, seed=3).stats
-    other = run_pass(trainer(), net, loader(), layer="2", positions=m, seed=4).stats
+    a = run_pass(trainer(), net, loader(), ["2"], positions=m, seed=3).stats["2"]
+    b = run_pass(trainer(), net, loader(), ["2"], positions=m, seed=3).stats["2"]
+    other = run_pass(trainer(), net, loader(), ["2"], positions=m, seed=4).stats["2"]
     assert a.n == IMAGES * m
     assert torch.equal(a.G, b.G) and torch.equal(a.C, b.C) and a.s == b.s
     assert not torch.equal(a.G, other.G)
@@ -160,8 +160,8 @@ def test_sampled_positions(make):
     X, Y = P[rows, index], R[rows, index]
     assert_stats(a, *plain_stats(X.reshape(-1, X.shape[-1]), Y.reshape(-1, Y.shape[-1])))
     # More positions than the output has: all of them.
-    full = run_pass(trainer(), net, loader(), layer="2").stats
-    every = run_pass(trainer(), net, loader(), layer="2", positions=P.shape[1]).stats
+    full = run_pass(trainer(), net, loader(), ["2"]).stats["2"]
+    every = run_pass(trainer(), net, loader(), ["2"], positions=P.shape[1]).stats["2"]
     assert every.n == full.n and torch.equal(every.G, full.G)
 
 
@@ -195,13 +195,17 @@ def test_unsupported_convolutions_are_refused(conv, message):
         conv_patches(conv, torch.randn(1, conv.in_channels, 5, 5))
     net = network_with(conv)
     with pytest.raises(ValueError, match=message):
-        run_pass(trainer(), net, loader(), layer="2")
+        run_pass(trainer(), net, loader(), ["2"])
 
 
 def test_positions_apply_to_convolutions_only():
+    """A Linear layer has one sample per image: position sampling leaves its statistics alone
+    (a coupled group collects convolutions and Linear layers in the same pass)."""
     net = network_with(nn.Conv2d(3, 4, 3, padding=1))
-    with pytest.raises(ValueError, match="convolutions only"):
-        run_pass(trainer(), net, loader(), layer="6", positions=3)
+    sampled = run_pass(trainer(), net, loader(), ["2", "6"], positions=3).stats
+    whole = run_pass(trainer(), net, loader(), ["6"]).stats["6"]
+    torch.testing.assert_close(sampled["6"].G, whole.G, rtol=0, atol=0)
+    assert sampled["6"].n == whole.n == IMAGES and sampled["2"].n == 3 * IMAGES
     with pytest.raises(ValueError, match="positive"):
         PositionSampler(0)
     with pytest.raises(ValueError, match="cannot sample"):

@@ -10,6 +10,7 @@ from compression.finetune import DONE_FILE, FinetuneSettings, finetune, finetune
 from datamodules.fashion_mnist import FashionMNISTDataModule
 from lightning_modules.classifier import Classifier
 from models import build_model
+from models.registry import NetworkSpec
 from models.checkpoints import CheckpointMismatchError, load_network, read_checkpoint, save_network
 from models.layers import analyse_layer
 from models.profile import linear_widths
@@ -27,8 +28,8 @@ def compressed_file(tmp_path_factory):
     model = build_model("alexnet", 10)
     V = model.get_submodule("classifier.6").weight.detach().clone()
     V[:, 20:] = 0
-    small = remove_neurons(model, analyse_layer(model, "classifier.6"), V)
-    return save_network(small, tmp_path_factory.mktemp("compressed") / "network.pt", "alexnet", 10)
+    small = remove_neurons(model, analyse_layer(model, "classifier.6"), {"classifier.6": V})
+    return save_network(small, tmp_path_factory.mktemp("compressed") / "network.pt", NetworkSpec("alexnet", 10))
 
 
 def datamodule(root: str) -> FashionMNISTDataModule:
@@ -75,7 +76,7 @@ def test_classifier_starts_from_a_compressed_network(compressed_file, tmp_path):
 def test_finetuning_trains_and_stays_compressed(compressed_file, fashion_root, tmp_path, monkeypatch):
     before = load_network(compressed_file)
     settings = FinetuneSettings(epochs=1, lr_factor=0.1)
-    network, summary = finetune(compressed_file, "alexnet", 10, datamodule(fashion_root), settings, TRAIN_HPARAMS,
+    network, summary = finetune(compressed_file, NetworkSpec("alexnet", 10), datamodule(fashion_root), settings, TRAIN_HPARAMS,
                                 tmp_path, TRAINER)
     assert not network.training and isinstance(network, torch.nn.Module)
     assert linear_widths(network) == linear_widths(before)
@@ -92,7 +93,7 @@ def test_finetuning_trains_and_stays_compressed(compressed_file, fashion_root, t
         raise AssertionError("fine-tuning ran again")
 
     monkeypatch.setattr(pl.Trainer, "fit", no_fit)
-    again, summary_again = finetune(compressed_file, "alexnet", 10, datamodule(fashion_root), settings,
+    again, summary_again = finetune(compressed_file, NetworkSpec("alexnet", 10), datamodule(fashion_root), settings,
                                     TRAIN_HPARAMS, tmp_path, TRAINER)
     assert summary_again == summary
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), network.state_dict().values()))
@@ -109,13 +110,13 @@ class DropoutSeen(pl.Callback):
 def test_dropout_during_finetuning(compressed_file, fashion_root, tmp_path, dropout, expected):
     seen = DropoutSeen()
     trainer = {**TRAINER, "limit_train_batches": 1, "limit_val_batches": 1, "num_sanity_val_steps": 0}
-    _, summary = finetune(compressed_file, "alexnet", 10, datamodule(fashion_root),
+    _, summary = finetune(compressed_file, NetworkSpec("alexnet", 10), datamodule(fashion_root),
                           FinetuneSettings(epochs=1, dropout=dropout), TRAIN_HPARAMS, tmp_path, trainer,
                           callbacks=[seen])
     assert seen.p == expected and summary["dropout"] == dropout
     # A finished run fine-tuned with another dropout is not silently reused.
     with pytest.raises(ValueError, match="fine-tuned with other settings.*dropout"):
-        finetune(compressed_file, "alexnet", 10, datamodule(fashion_root), FinetuneSettings(epochs=1, dropout=0.1),
+        finetune(compressed_file, NetworkSpec("alexnet", 10), datamodule(fashion_root), FinetuneSettings(epochs=1, dropout=0.1),
                  TRAIN_HPARAMS, tmp_path, trainer)
 
 
@@ -130,7 +131,7 @@ class CrashAtEpoch(pl.Callback):
 
 def test_resume_ends_where_an_uninterrupted_run_does(compressed_file, fashion_root, tmp_path):
     settings = FinetuneSettings(epochs=2, lr=1e-4)
-    args = (compressed_file, "alexnet", 10)
+    args = (compressed_file, NetworkSpec("alexnet", 10))
     trainer = {**TRAINER, "limit_train_batches": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0}
     whole, _ = finetune(*args, datamodule(fashion_root), settings, TRAIN_HPARAMS, tmp_path / "whole", trainer)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -144,7 +145,7 @@ def test_resume_ends_where_an_uninterrupted_run_does(compressed_file, fashion_ro
 
 
 def test_no_epochs_returns_the_compressed_network(compressed_file, fashion_root, tmp_path):
-    network, summary = finetune(compressed_file, "alexnet", 10, datamodule(fashion_root), FinetuneSettings(), {},
+    network, summary = finetune(compressed_file, NetworkSpec("alexnet", 10), datamodule(fashion_root), FinetuneSettings(), {},
                                 tmp_path, TRAINER)
     assert summary["epochs"] == 0 and summary["val_accuracy"] is None
     assert linear_widths(network)["classifier.6"] == 20 and not (tmp_path / "finetune").exists()

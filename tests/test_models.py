@@ -7,6 +7,7 @@ import torchvision
 from torch import nn
 
 from models import build_model
+from models.registry import NetworkSpec
 from models.checkpoints import CheckpointMismatchError, load_network, save_network
 from models.layers import LayerError, analyse_layer, resolve_layer_name
 
@@ -55,7 +56,7 @@ def test_alexnet_loads_a_plain_torchvision_state_dict(tmp_path):
 
 def test_round_trip_of_the_project_format(tmp_path):
     model = build_model("vgg19", num_classes=7).eval()
-    save_network(model, tmp_path / "net.pt", arch="vgg19", num_classes=7)
+    save_network(model, tmp_path / "net.pt", NetworkSpec("vgg19", 7))
     again = load_network(tmp_path / "net.pt")
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(again(x), model(x))
@@ -95,18 +96,24 @@ def test_layer_analysis_finds_the_producer(arch, short, path, producer, position
     assert resolve_layer_name(model, short, arch) == path
     assert resolve_layer_name(model, path, arch) == path
     info = analyse_layer(model, path)
-    assert (info.producer, info.positions) == (producer, positions)
-    assert info.norm == ("batch_norm16" if producer == "conv16" else None)
+    assert (info.producers, info.consumers[0].positions) == ((producer,), positions)
+    assert info.channel_ops == (("batch_norm16",) if producer == "conv16" else ())
+    assert [c.name for c in info.consumers] == [path]
 
 
-def test_unknown_layer_lists_the_linear_layers():
-    with pytest.raises(LayerError, match=r"Linear layers: classifier.1, classifier.4, classifier.6; short names: first"):
+def test_unknown_layer_lists_the_compressible_layers():
+    with pytest.raises(LayerError, match=r"compressible layers: features.3, .*classifier.4, classifier.6; "
+                                         r"not compressible: features.0 .*short names: first"):
         resolve_layer_name(build_model("alexnet"), "fc7", "alexnet")
-    with pytest.raises(LayerError, match="is not a Linear layer"):
+    with pytest.raises(LayerError, match="features.0 cannot be compressed: they are the network's input"):
         resolve_layer_name(build_model("alexnet"), "features.0", "alexnet")
 
 
-def test_layer_without_relu_inputs_is_refused_with_the_reason():
-    mlp = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
-    with pytest.raises(LayerError, match=r"come from '1' \(a Tanh\), not from a ReLU"):
+def test_any_elementwise_activation_passes_and_layer_norm_is_refused_with_the_reason():
+    for activation in (nn.Tanh(), nn.GELU(), nn.SiLU(), nn.Identity()):
+        mlp = nn.Sequential(nn.Linear(3, 8), activation, nn.Linear(8, 2))
+        assert analyse_layer(mlp, "2").producers == ("0",)
+    mlp = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    with pytest.raises(LayerError, match=r"'1' \(a LayerNorm\) normalises across these features: removing one "
+                                         r"changes the others' normalisation"):
         analyse_layer(mlp, "2")

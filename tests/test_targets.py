@@ -10,10 +10,12 @@ import torch
 
 from callbacks.convergence import Convergence
 from compression.baselines import torch_pruning_available
+from compression.passes import DataPasses
 from compression.pipeline import CompressionPipeline
 from compression.report import format_report, plot_path, write_report
 from compression.settings import Target, TrainerSettings
 from lightning_modules.lasso import LassoCompression
+from models.registry import NetworkSpec
 from tests.helpers import ToyDataModule, toy_network
 
 
@@ -27,7 +29,7 @@ def pipeline(network: torch.nn.Module, folder: Path, **kwargs) -> CompressionPip
                "trainer": TrainerSettings(accelerator="cpu", enable_progress_bar=False)}
     options.update(kwargs)
     return CompressionPipeline(
-        network=network, arch="toy", num_classes=3, datamodule=ToyDataModule(root=".", num_workers=0, batch_size=256),
+        network=network, spec=NetworkSpec("toy", 3), datamodule=ToyDataModule(root=".", num_workers=0, batch_size=256),
         run_dir=folder, cache_dir=None, **options)
 
 
@@ -76,9 +78,7 @@ def test_two_layers_by_width_and_the_report_says_how_each_was_chosen(toy, tmp_pa
 
 
 def test_accuracy_budget_missed_at_every_width_keeps_the_layer(toy, tmp_path, monkeypatch):
-    import compression.pipeline as module
-
-    monkeypatch.setattr(module, "tail_accuracy", lambda *args, **kwargs: 0.0)
+    monkeypatch.setattr(DataPasses, "accuracy", lambda *args, **kwargs: 0.0)
     with pytest.warns(UserWarning, match="keeps its full width"):
         report = pipeline(toy, tmp_path).run(["4"], target=Target(max_accuracy_drop=1.0))
     entry = report["layers"][0]
@@ -119,17 +119,19 @@ def test_targets_refuse_the_paper_procedure(toy, tmp_path):
 
 
 @pytest.mark.parametrize("extra, expected", [
-    ([], {"target": Target(max_accuracy_drop=0.5)}),  # the demo config's own choice
+    ([], {"target": Target(max_accuracy_drop=0.5, share="cumulative")}),  # the demo config's own choice
     (["--lambdas", "[0.01]"], {"lambdas": [0.01]}),
     (["--lambda_ratios=[0.1,0.2]"], {"lambda_ratios": [0.1, 0.2]}),
-    (["--target.width", "[7]"], {"target": Target(width=[7])}),
+    (["--target.width", "[7]"], {"target": Target(width=[7], share="cumulative")}),
+    (["--target.share", "macs"], {"target": Target(max_accuracy_drop=0.5, share="macs")}),  # how, not how much
 ])
 def test_the_command_line_choice_replaces_the_config_choice(tmp_path, extra, expected):
     from cli.compress import CompressCLI
 
     cli = CompressCLI(["--config", "alexnet_fashion_compress", "--checkpoint", "unused.ckpt",
                        "--trainer.logger.init_args.save_dir", str(tmp_path), *extra])
-    assert cli.amount() == {"lambdas": None, "lambda_ratios": None, "target": Target(), **expected}
+    # the config's way of sharing a budget stays unless the command line changes it
+    assert cli.amount() == {"lambdas": None, "lambda_ratios": None, "target": Target(share="cumulative"), **expected}
 
 
 def test_baselines_at_every_path_width_and_at_the_final_width(toy, tmp_path):

@@ -67,7 +67,6 @@ def test_bare_config_names_and_group_files_resolve():
 @pytest.mark.parametrize(
     "override, expected",
     [
-        (["--model.init_args.arch", "resnet50"], "Literal['alexnet', 'vgg19']"),
         (["--model.init_args.optimizer", "rmsprop"], "Literal['adam', 'sgd']"),
         (["--data.class_path", "datamodules.mnist.MNISTDataModule"], "Valid data classes: datamodules.cifar10.CIFAR10DataModule"),
         (["--model.class_path", "lightning_modules.resnet.ResNet"], "Valid model classes: lightning_modules.classifier.Classifier"),
@@ -77,6 +76,12 @@ def test_bad_config_values_name_the_valid_choices(override, expected, capsys, tm
     with pytest.raises(SystemExit):
         main(small_train_args(tmp_path, fashion_root, *override))
     assert expected in capsys.readouterr().err
+
+
+def test_an_unknown_network_names_the_valid_ones(tmp_path, fashion_root):
+    with pytest.raises(ValueError, match=r"unknown arch 'resnet7'; valid choices: alexnet, vgg19, resnet20, .*"
+                                         r"mobilenet_v2.*class_path"):
+        main(small_train_args(tmp_path, fashion_root, "--model.init_args.arch", "resnet7"))
 
 
 def test_same_seed_same_weights_and_resume_from_last(tmp_path, fashion_root):

@@ -1,0 +1,171 @@
+"""Your network, not only AlexNet: ResNet-56 and MobileNetV2 compressed layer by layer, against
+Torch-Pruning at the same widths, with 0 and 1 epoch of fine-tuning.
+
+For each network (trained here on Fashion-MNIST by ``train.py --config <net>_fashion.yaml``):
+- ``compress.py --config <net>_fashion.yaml`` (every compressible layer, certified candidates
+  refit by least squares, the budget shared by multiply-adds saved per validation image lost)
+  at a 1-point budget and at a larger one, each followed by 1 epoch of fine-tuning (the
+  ``Classifier`` at 0.1 x the training learning rate);
+- the same 1-point budget with the cumulative share (``--target.share cumulative``: layer i of
+  n may lose i/n of it), and over the internal widths alone (the groups with one producer:
+  what the coupled residual channels add);
+- Torch-Pruning (group magnitude and Taylor importance, through its own dependency graph)
+  pruning every group to the widths of each lasso run, with 0 and 1 epoch of the same
+  fine-tuning;
+- batch-1 CPU latency of every network, measured in turns in one process at the end.
+
+    python -m benchmarks.architectures --network resnet56 [--checkpoint ...] [--budgets 1 2]
+
+Writes ``benchmarks/results/architectures.json``: one row per network, method and fine-tuning
+length, ``{network, method, finetune_epochs, widths, macs_before, macs_after,
+test_accuracy_before, test_accuracy_after, latency_ms_before, latency_ms_after}`` (plus the
+budget and the run's seconds) under ``rows``, and each compression run's summary under
+``runs[network]`` (seconds, the allocation's tries, widths).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from cli.setup import configure_process
+from compress import main as compress
+from compression.baselines import torch_pruning_network
+from compression.finetune import FinetuneSettings, finetune
+from compression.passes import DataPasses
+from compression.pipeline import CompressionPipeline
+from compression.settings import TrainerSettings
+from datamodules.fashion_mnist import FashionMNISTDataModule
+from models.checkpoints import load_network, network_spec, read_checkpoint, save_network
+from models.dependency import analyse_network
+from models.layers import analyse_layer, compressible_layers
+from models.profile import count_macs, latencies_in_turns
+
+TRAINER = TrainerSettings(accelerator="cpu", enable_progress_bar=False)
+CHECKPOINTS = {"resnet56": "runs/resnet56_fashion/trained/checkpoints/best.ckpt",
+               "mobilenet_v2": "runs/mobilenet_v2_fashion/trained/checkpoints/best.ckpt"}
+
+
+def lasso_run(args: argparse.Namespace, work: Path, name: str, *extra: str) -> tuple[dict, float]:
+    """``compress.py --config <network>_fashion`` with ``extra`` options, in ``work/runs/<name>``;
+    an interrupted earlier run of this benchmark is resumed. Returns the report and its seconds."""
+    run = work / "runs" / f"compress_{args.network}_fashion" / name
+    argv = ["--config", f"{args.network}_fashion", "--checkpoint", args.checkpoint, "--cache_dir", args.cache_dir,
+            "--trainer.logger.init_args.save_dir", str(work / "runs"), "--trainer.logger.init_args.version", name,
+            "--trainer.enable_progress_bar", "false", "--convergence.verbose", "false", *extra]
+    if (run / "solve").is_dir():
+        argv += ["--resume", str(run)]
+    start = time.perf_counter()
+    report = compress(argv)
+    return report, time.perf_counter() - start
+
+
+def internal_layers(checkpoint: str) -> list[str]:
+    """The compressible layers whose input neurons have a single producer (no residual coupling)."""
+    network = load_network(checkpoint)
+    analysis = analyse_network(network)
+    return [layer for layer in compressible_layers(analysis) if not analysis.reads[layer].coupled]
+
+
+def main_runs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    _, info = read_checkpoint(args.checkpoint)
+    spec = network_spec(info)
+    hparams = info.get("hparams") or {}
+    dm = FashionMNISTDataModule(root="data", preset="fashion_32", batch_size=500, num_workers=2, val_fraction=0.1)
+    dm.prepare_data()
+    dm.setup("fit")
+    shape = tuple(dm.test_set[0][0].shape)
+    passes = DataPasses(dm, "", TRAINER, Path(args.cache_dir), work)
+    trainer = {**TRAINER.distributed(), "enable_progress_bar": False}
+    original = load_network(args.checkpoint)
+    before = {"macs": count_macs(original, shape), "test_accuracy": passes.evaluate(original, "test")[0].accuracy}
+    rows, networks, runs = [], {"original": original}, {}
+
+    def add(method: str, epochs: int, network: torch.nn.Module, widths: dict[str, int], budget: Optional[float],
+            **extra: Any) -> None:
+        network = network.eval()
+        key = f"{method}, budget {budget}, {epochs} epochs"
+        networks[key] = network
+        rows.append({"network": args.network, "method": method, "budget": budget, "finetune_epochs": epochs,
+                     "widths": widths, "macs_before": before["macs"], "macs_after": count_macs(network, shape),
+                     "test_accuracy_before": before["test_accuracy"],
+                     "test_accuracy_after": passes.evaluate(network, "test")[0].accuracy, "key": key, **extra})
+        r = rows[-1]
+        print(f"{args.network} {method:34s} budget {budget} {epochs} ep: test {100 * r['test_accuracy_after']:.2f}% "
+              f"({100 * (r['test_accuracy_after'] - r['test_accuracy_before']):+.2f}) MACs 1/"
+              f"{r['macs_before'] / r['macs_after']:.2f}", flush=True)
+
+    def record(name: str, report: dict, seconds: float) -> dict[str, int]:
+        widths = {e["module"]: e["width_after"] for e in report["layers"]}
+        tuning = (report.get("finetune") or {}).get("seconds", 0.0)
+        runs[name] = {"seconds": seconds, "compress_seconds": seconds - tuning, "finetune_seconds": tuning,
+                      "passes_seconds": report.get("passes_seconds"),
+                      "allocation": report.get("allocation"), "widths": widths,
+                      "widths_before": {e["module"]: e["width_before"] for e in report["layers"]},
+                      "val_accuracy": [report["before"].get("val_accuracy"), report["after"].get("val_accuracy")],
+                      "solve_seconds": sum(e.get("seconds", 0) for e in report["layers"]),
+                      "candidates": sum(len(e.get("candidates", [])) for e in report["layers"])}
+        return widths
+
+    for budget in args.budgets:
+        report, seconds = lasso_run(args, work, f"macs{budget:g}", "--target.max_accuracy_drop", str(budget),
+                                    "--finetune.epochs", "1")
+        widths = record(f"macs{budget:g}", report, seconds)
+        add("lasso_refit", 0, load_network(report["network_after_surgery"]), widths, budget, seconds=seconds)
+        add("lasso_refit", 1, load_network(report["network"]), widths, budget)
+        loss_batches = CompressionPipeline(original, spec, dm, work)._loss_batches()
+        for importance in ("magnitude", "taylor"):
+            pruned = original
+            for module, k in widths.items():
+                pruned, kept = torch_pruning_network(pruned, analyse_layer(pruned, module), k, importance,
+                                                     example_inputs=torch.zeros(1, *shape), loss_batches=loss_batches)
+                assert kept == k, (module, k, kept)
+            folder = work / f"torch_pruning_{importance}_{budget:g}"
+            saved = save_network(pruned.eval(), folder / "pruned.pt", spec)
+            tuned, _ = finetune(saved, spec, dm, FinetuneSettings(epochs=1), hparams, folder, trainer)
+            add(f"torch_pruning_{importance}", 0, load_network(saved), widths, budget)
+            add(f"torch_pruning_{importance}", 1, tuned, widths, budget)
+    budget = args.budgets[0]
+    report, seconds = lasso_run(args, work, f"cumulative{budget:g}", "--target.max_accuracy_drop", str(budget),
+                                "--target.share", "cumulative")
+    add("lasso_refit, cumulative share", 0, load_network(report["network"]), record(f"cumulative{budget:g}", report,
+                                                                                     seconds), budget, seconds=seconds)
+    internal = internal_layers(args.checkpoint)
+    report, seconds = lasso_run(args, work, f"internal{budget:g}", "--target.max_accuracy_drop", str(budget),
+                                "--layers", json.dumps(internal))
+    add("lasso_refit, internal widths only", 0, load_network(report["network"]),
+        record(f"internal{budget:g}", report, seconds), budget, seconds=seconds)
+    latency = {name: per[1] for name, per in latencies_in_turns(networks, shape).items()}
+    for row in rows:
+        row["latency_ms_before"], row["latency_ms_after"] = latency["original"], latency[row.pop("key")]
+    return {"rows": rows, "runs": runs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--network", choices=sorted(CHECKPOINTS), required=True)
+    parser.add_argument("--checkpoint", default=None, help="default: the network's run of train.py in runs/")
+    parser.add_argument("--cache_dir", default=".cache/passes")
+    parser.add_argument("--work", default="runs/bench_architectures")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 2.0],
+                        help="validation budgets (points); the first is also run with the cumulative share and "
+                             "over the internal widths alone")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/architectures.json"))
+    args = parser.parse_args()
+    args.checkpoint = args.checkpoint or CHECKPOINTS[args.network]
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": [], "runs": {}}
+    measured = main_runs(args, Path(args.work) / args.network)
+    results["rows"] = [r for r in results["rows"] if r["network"] != args.network] + measured["rows"]
+    results["runs"][args.network] = measured["runs"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    configure_process()
+    main()

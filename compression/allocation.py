@@ -1,0 +1,61 @@
+"""Sharing one accuracy budget between many layers by what their candidates buy.
+
+Every group of neurons g has certified candidates, each a width with the multiply-adds it
+saves, s_g(w), and the validation accuracy the network loses when only that group is cut to
+it, measured in images: a_g(w) (the count of validation images it gets wrong beyond the
+original's, at least 0). Keeping every group at full width costs and saves nothing. The
+choice of one candidate per group that saves the most multiply-adds within a budget of B
+images,
+
+    maximise  sum_g s_g(w_g)   subject to  sum_g a_g(w_g) <= B,
+
+is a multiple-choice knapsack; its costs are whole numbers of images, so dynamic
+programming over the budget solves it exactly (``choose``) in O(groups x candidates x B).
+Losses of different groups do not add exactly (two cuts interact), which is why the chosen
+set is re-validated on the whole network and the budget corrected until it holds
+(``compression.pipeline``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class Option:
+    """One candidate of one group: ``cost`` in validation images lost (>= 0), ``saving`` in
+    multiply-adds, and an ``index`` the caller uses to find it again."""
+
+    cost: int
+    saving: float
+    index: int
+
+
+def choose(options: Sequence[Sequence[Option]], budget: int) -> tuple[list[int | None], float, int]:
+    """The best choice of at most one option per group (``None``: the group keeps its width)
+    with total cost at most ``budget``: (chosen ``index`` per group, total saving, total cost).
+    Exact (dynamic programming over the integer budget); ties keep fewer images lost."""
+    if budget < 0:
+        raise ValueError(f"the budget must be >= 0 images, got {budget}")
+    best = [0.0] * (budget + 1)  # best[b]: the largest saving of the groups so far within cost b
+    picks: list[list[int | None]] = []
+    for group in options:
+        new, pick = list(best), [None] * (budget + 1)
+        for b in range(budget + 1):
+            for k, option in enumerate(group):
+                if option.cost <= b and option.saving > 0 and best[b - option.cost] + option.saving > new[b]:
+                    new[b], pick[b] = best[b - option.cost] + option.saving, k
+        best = new
+        picks.append(pick)
+    # walk back from the cheapest budget that reaches the best saving
+    b = min(range(budget + 1), key=lambda c: (-best[c], c))
+    total, cost = best[b], 0
+    chosen: list[int | None] = [None] * len(options)
+    for g in range(len(options) - 1, -1, -1):
+        k = picks[g][b]
+        if k is not None:
+            option = options[g][k]
+            chosen[g] = option.index
+            b -= option.cost
+            cost += option.cost
+    return chosen, total, cost

@@ -1,0 +1,99 @@
+"""A budget over many layers of a residual network: the allocation by what each group's
+candidates buy against the cumulative share, on a small synthetic task (seconds)."""
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+from callbacks.convergence import Convergence
+from compression.passes import DataPasses
+from compression.pipeline import CompressionPipeline
+from compression.report import format_report, write_report
+from compression.settings import Target, TrainerSettings
+from models.checkpoints import load_network
+from models.profile import count_macs
+from models.registry import NetworkSpec
+from tests.helpers import ToyDataModule
+
+
+class ResidualMLP(nn.Module):
+    """8 -> 32 (stream) -> two residual blocks 32 -> 48 -> 32 with GELU -> 3: two internal
+    widths and one coupled stream (producers stem, block1.fc2, block2.fc2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 32)
+        self.fc1a, self.fc2a = nn.Linear(32, 48), nn.Linear(48, 32)
+        self.fc1b, self.fc2b = nn.Linear(32, 48), nn.Linear(48, 32)
+        self.out = nn.Linear(32, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.fc2a(nn.functional.gelu(self.fc1a(x))))
+        x = torch.relu(x + self.fc2b(nn.functional.gelu(self.fc1b(x))))
+        return self.out(x)
+
+
+@pytest.fixture(scope="module")
+def residual() -> nn.Module:
+    torch.manual_seed(0)
+    network = ResidualMLP()
+    X, y = ToyDataModule(root=".", num_workers=0).make_dataset(True, None).tensors
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(300):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(network(X), y).backward()
+        optimizer.step()
+    return network.eval()
+
+
+def pipeline(network: nn.Module, folder, **kwargs) -> CompressionPipeline:
+    return CompressionPipeline(
+        network=network, spec=NetworkSpec({"class_path": "tests.test_allocation.ResidualMLP"}, 3),
+        datamodule=ToyDataModule(root=".", num_workers=0, batch_size=256), run_dir=folder, cache_dir=None,
+        make_convergence=partial(Convergence, tol=1e-6, verbose=False), debias=True,
+        trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False), **kwargs)
+
+
+def test_allocation_keeps_the_budget_on_the_whole_network_and_so_does_the_cumulative_share(residual, tmp_path):
+    budget = 2.0
+    report = pipeline(residual, tmp_path / "macs").run(["all"], target=Target(max_accuracy_drop=budget))
+    groups = [e["layer"] for e in report["layers"]]
+    assert groups == ["fc1a", "fc2a", "fc2b"]  # the stream (read by fc1a, fc1b, out) is named by fc1a
+    assert report["layers"][0]["stacked"]["consumers"] == ["fc1a", "fc1b", "out"]
+    allocation = report["allocation"]
+    assert allocation["validation_images"] == 120 and allocation["budget_images"] == 2
+    # the chosen set, re-validated on the whole network, is within the budget
+    loss = 100 * (report["before"]["val_accuracy"] - report["after"]["val_accuracy"])
+    assert loss <= budget + 1e-9
+    assert any(t["within_budget"] for t in allocation["tries"])
+    assert report["after"]["macs"] < report["before"]["macs"]
+    # every option the knapsack had is a certified candidate with its measured loss
+    for entry in report["layers"]:
+        assert all(c["rel_gap"] <= 1e-6 for c in entry["candidates"])
+        assert entry["width_after"] in [c["width"] for c in entry["candidates"]] + [entry["width_before"]]
+    # the saved network is the allocation's, and loads without the original
+    again = load_network(report["network"])
+    assert count_macs(again, (8,)) == report["after"]["macs"]
+    x = torch.randn(5, 8)
+    assert again(x).shape == (5, 3)
+
+    cumulative = pipeline(residual, tmp_path / "cumulative").run(["all"], target=Target(max_accuracy_drop=budget,
+                                                                                          share="cumulative"))
+    assert 100 * (cumulative["before"]["val_accuracy"] - cumulative["after"]["val_accuracy"]) <= budget + 1e-9
+    assert "allocation" not in cumulative and cumulative["after"]["macs"] < cumulative["before"]["macs"]
+
+    written = write_report(report, tmp_path / "macs")
+    assert tmp_path / "macs" / "widths.png" in written
+    text = format_report(report)
+    assert "shared by multiply-adds saved per image lost" in text
+
+
+def test_an_unmet_budget_keeps_every_layer(residual, tmp_path, monkeypatch):
+    monkeypatch.setattr(DataPasses, "accuracy", lambda *args, **kwargs: 0.0)
+    report = pipeline(residual, tmp_path).run(["all"], target=Target(max_accuracy_drop=0.5))
+    assert all(e["width_after"] == e["width_before"] for e in report["layers"])
+    assert report["after"]["macs"] == report["before"]["macs"]
