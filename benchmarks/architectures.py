@@ -34,7 +34,7 @@ import torch
 
 from cli.setup import configure_process
 from compress import main as compress
-from compression.baselines import torch_pruning_network
+from compression.baselines import torch_pruning_at_widths
 from compression.finetune import FinetuneSettings, finetune
 from compression.passes import DataPasses
 from compression.pipeline import CompressionPipeline
@@ -42,7 +42,7 @@ from compression.settings import TrainerSettings
 from datamodules.fashion_mnist import FashionMNISTDataModule
 from models.checkpoints import load_network, network_spec, read_checkpoint, save_network
 from models.dependency import analyse_network
-from models.layers import analyse_layer, compressible_layers
+from models.layers import compressible_layers
 from models.profile import count_macs, latencies_in_turns
 
 TRAINER = TrainerSettings(accelerator="cpu", enable_progress_bar=False)
@@ -119,11 +119,8 @@ def main_runs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         add("lasso_refit", 1, load_network(report["network"]), widths, budget)
         loss_batches = CompressionPipeline(original, spec, dm, work)._loss_batches()
         for importance in ("magnitude", "taylor"):
-            pruned = original
-            for module, k in widths.items():
-                pruned, kept = torch_pruning_network(pruned, analyse_layer(pruned, module), k, importance,
-                                                     example_inputs=torch.zeros(1, *shape), loss_batches=loss_batches)
-                assert kept == k, (module, k, kept)
+            pruned = torch_pruning_at_widths(original, widths, importance, example_inputs=torch.zeros(1, *shape),
+                                             loss_batches=loss_batches)
             folder = work / f"torch_pruning_{importance}_{budget:g}"
             saved = save_network(pruned.eval(), folder / "pruned.pt", spec)
             tuned, _ = finetune(saved, spec, dm, FinetuneSettings(epochs=1), hparams, folder, trainer)

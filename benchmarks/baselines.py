@@ -28,7 +28,7 @@ import torch
 
 from callbacks.convergence import Convergence
 from cli.setup import configure_process
-from compression.baselines import torch_pruning_network
+from compression.baselines import torch_pruning_at_widths
 from compression.finetune import FinetuneSettings, finetune
 from compression.passes import DataPasses
 from compression.pipeline import CompressionPipeline, LayerPlan
@@ -36,7 +36,6 @@ from compression.settings import Target, TrainerSettings
 from datamodules.fashion_mnist import FashionMNISTDataModule
 from models.registry import NetworkSpec
 from models.checkpoints import network_from_state, read_checkpoint, save_network
-from models.layers import analyse_layer
 
 # From 1/32 of the layer down to where accuracy collapses (41 = 4096 / 100). Wider lasso solutions
 # need lambda below 1e-4 * lambda_max on this network, where one certified pen solve takes over
@@ -79,12 +78,8 @@ def whole_network(args: argparse.Namespace, network: torch.nn.Module, info: dict
     passes = DataPasses(dm, "classifier", TRAINER, Path(args.cache_dir), work, batch_size=dm.hparams.batch_size)
     shape = tuple(dm.test_set[0][0].shape)
     for importance in ("magnitude", "taylor"):
-        pruned = network
-        for (layer, module), k in zip(LAYERS.items(), widths):
-            pruned, _ = torch_pruning_network(pruned, analyse_layer(pruned, module), k, importance,
-                                              example_inputs=torch.zeros(1, *shape),
-                                              loss_batches=pipeline._loss_batches())
-        pruned = pruned.eval()
+        pruned = torch_pruning_at_widths(network, dict(zip(LAYERS.values(), widths)), importance,
+                                         example_inputs=torch.zeros(1, *shape), loss_batches=pipeline._loss_batches())
         folder = work / f"torch_pruning_{importance}"
         saved = save_network(pruned, folder / "pruned.pt", NetworkSpec("alexnet", info["num_classes"]))
         tuned, _ = finetune(saved, NetworkSpec("alexnet", info["num_classes"]), dm, tune, info.get("hparams") or {}, folder,

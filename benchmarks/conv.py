@@ -36,7 +36,7 @@ import torch
 
 from cli.setup import configure_process
 from compress import main as compress
-from compression.baselines import torch_pruning_network
+from compression.baselines import torch_pruning_at_widths
 from compression.finetune import FinetuneSettings, finetune
 from compression.passes import DataPasses
 from compression.pipeline import CompressionPipeline
@@ -45,7 +45,6 @@ from datamodules.fashion_mnist import FashionMNISTDataModule
 from grouplasso import SOLVERS, active_groups, lambda_max
 from models.registry import NetworkSpec
 from models.checkpoints import load_network, network_from_state, read_checkpoint, save_network
-from models.layers import analyse_layer
 from models.profile import count_macs, latencies_in_turns
 
 TRAINER = TrainerSettings(accelerator="cpu", enable_progress_bar=False)
@@ -103,11 +102,8 @@ def whole_network(args: argparse.Namespace, work: Path) -> dict:
     widths = runs[f"{budget:g}"]["widths"]
     loss_batches = CompressionPipeline(original, NetworkSpec("alexnet", 10), dm, work)._loss_batches()
     for importance in ("magnitude", "taylor"):
-        pruned = original
-        for module, k in widths.items():
-            pruned, kept = torch_pruning_network(pruned, analyse_layer(pruned, module), k, importance,
-                                                 example_inputs=torch.zeros(1, *shape), loss_batches=loss_batches)
-            assert kept == k, (module, k, kept)
+        pruned = torch_pruning_at_widths(original, widths, importance, example_inputs=torch.zeros(1, *shape),
+                                         loss_batches=loss_batches)
         folder = work / f"torch_pruning_{importance}"
         saved = save_network(pruned.eval(), folder / "pruned.pt", NetworkSpec("alexnet", 10))
         tuned, _ = finetune(saved, NetworkSpec("alexnet", 10), dm, FinetuneSettings(epochs=1), hparams, folder, trainer)

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from grouplasso import LassoStats, active_columns, active_groups, debias, group_norms, keep_groups
 from models.dependency import NeuronGroup
+from models.layers import analyse_layer
 from models.pruned import IndexedLinear
 
 BASELINES = ("magnitude", "magnitude_refit", "activation", "lasso", "lasso_refit")
@@ -287,6 +288,20 @@ def torch_pruning_network(
     if features % first.positions:
         raise RuntimeError(f"{first.name!r} reads {features} features, not a multiple of {first.positions}")
     return pruned, features // first.positions
+
+
+def torch_pruning_at_widths(network: nn.Module, widths: dict[str, int], importance: str, *, example_inputs: Any,
+                            loss_batches: Optional[Iterable[tuple[Tensor, Tensor]]] = None) -> nn.Module:
+    """``network`` with the neurons feeding every layer of ``widths`` (module path -> width, in
+    network order, as a compression report lists them) pruned to that width by Torch-Pruning,
+    one group after the other (``torch_pruning_network``), in eval mode."""
+    pruned = network
+    for module, k in widths.items():
+        pruned, kept = torch_pruning_network(pruned, analyse_layer(pruned, module), k, importance,
+                                             example_inputs=example_inputs, loss_batches=loss_batches)
+        if kept != k:
+            raise RuntimeError(f"Torch-Pruning left {kept} neurons feeding {module!r}, not {k}")
+    return pruned.eval()
 
 
 def _to(value: Any, device: torch.device) -> Any:

@@ -58,6 +58,10 @@ class _Shard(IterableDataset):
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         return self.features.batches(self.batch_size)
 
+    def __len__(self) -> int:
+        """Batches in the stream: what gives the pass's progress bar its total."""
+        return -(-self.features.n // self.batch_size)
+
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:
     """Sum over the processes of a DDP run (the tensor itself in a single process)."""

@@ -65,9 +65,13 @@ def format_report(report: dict[str, Any]) -> str:
     for e in report["layers"]:
         if "certified_same_width" in e:
             c = e["certified_same_width"]
-            lines.append(f"{e['layer']}: the paper's procedure kept {e['active']} neurons (MSE {e['mse']:.3e}); the "
-                         f"certified optimum with {c['width']} neurons: lambda {c.get('lambda', 0):.3g}, "
-                         f"MSE {c.get('mse', float('nan')):.3e}")
+            same = c.get("same_lambda", {})
+            if same:
+                lines.append(f"{e['layer']}: at the paper's lambda {same['lambda']:.3g} the certified optimum keeps "
+                             f"{same['width']} neurons (MSE {same['mse']:.3e}); the paper's procedure kept {e['active']} "
+                             f"(MSE {e['mse']:.3e}, objective {e['objective']:.4g})")
+            lines.append(f"{e['layer']}: the certified optimum with {c['width']} neurons: lambda {c.get('lambda', 0):.3g}, "
+                         f"MSE {c.get('mse', float('nan')):.3e}" + (f" ({c['resolved']})" if "resolved" in c else ""))
         if e.get("candidates"):
             lines.append("")
             floor = f", validation floor {100 * e['val_accuracy_floor']:.2f}%" if "val_accuracy_floor" in e else ""

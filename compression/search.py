@@ -6,11 +6,14 @@ target; then they bisect lambda (geometrically) between the last two points. Eve
 candidate is a certified solve (``CompressionPipeline.solve`` stops on the duality gap),
 and every candidate is recorded.
 
-- Width k: the bisection runs until the solution keeps exactly k neurons. The lasso path
-  can jump over k (several columns enter at the same lambda, when inputs are tied); when
-  the bracket has shrunk to a relative width of 1e-9 and still jumps, the solution just
-  past the jump (more than k columns) keeps its k columns of largest norm, and the
-  candidate says ``resolved: truncated``.
+- Width k: the bracket is found with steps that grow from the sparse end (lam_max / 2, / 8,
+  / 128, ...), so that a width near the dense end costs a few solves, not a walk down by
+  halves; then the bisection runs until the solution keeps exactly k neurons (or, with a
+  tolerance, within it; with a time limit, the nearest so far, said in ``resolved``). The
+  lasso path can jump over k (several columns enter at the same lambda, when inputs are
+  tied); when the bracket has shrunk to a relative width of 1e-9 and still jumps, the
+  solution just past the jump (more than k columns) keeps its k columns of largest norm, and
+  the candidate says ``resolved: truncated``.
 - Accuracy floor: the walk stops at the first lambda whose network meets the floor on
   the validation split; ``refine`` bisection steps then look for a narrower width that
   still meets it. The result is the narrowest of all candidates that meet the floor.
@@ -108,28 +111,54 @@ class LambdaSearch:
             lam /= factor
         return found
 
-    def at_width(self, k: int) -> Candidate:
-        """The certified solution with exactly ``k`` nonzero groups (see the module doc)."""
-        above, below = self.walk(lambda c: c.width >= k)
+    def at_width(self, k: int, tolerance: float = 0.0, seconds: Optional[float] = None) -> Candidate:
+        """The certified solution with ``k`` nonzero groups, or within ``tolerance * k`` of it
+        (see the module doc). The bracket is found from the sparse end with steps that grow
+        (lam_max / 2, / 8, / 128, ...: a few solves even for k near the dense end), each
+        warm-started from the previous, sparser solution, then bisected geometrically.
+        ``seconds``: stop searching after that long and return the candidate nearest to k, its
+        ``resolved`` saying so (None: no limit)."""
+        began = time.perf_counter()
+        close = lambda c: abs(c.width - k) <= tolerance * k  # noqa: E731
+        out_of_time = lambda: seconds is not None and time.perf_counter() - began > seconds  # noqa: E731
+        above: Optional[Candidate] = None  # sparser than k
+        below: Optional[Candidate] = None  # at least k groups
+        step, lam = 2.0, self.lam_max / 2
+        while lam >= self.min_ratio * self.lam_max:
+            current = self.candidate(lam, above)
+            if current.width >= k or close(current):
+                below = current
+                break
+            above = current
+            if out_of_time():
+                return self._nearest(k, began, seconds)
+            step = step * step if step < 2 ** 16 else step
+            lam = max(lam / step, self.min_ratio * self.lam_max) if lam > self.min_ratio * self.lam_max else lam / 2
         if below is None:
             widest = max((c.width for c in self.candidates), default=0)
             raise ValueError(f"no lambda down to {self.min_ratio:g} * lambda_max keeps {k} neurons (at most {widest}: "
                              "the other inputs are dead or redundant); choose a smaller width")
-        while below.width != k:
-            if above is None:  # k is kept from the first point on: bisect towards lam_max
-                hi_lam = self.lam_max
-            else:
-                hi_lam = above.lam
+        while below.width != k and not close(below):
+            hi_lam = self.lam_max if above is None else above.lam  # k is kept from the first point on
             if hi_lam / below.lam < 1 + 1e-9:
                 V = keep_groups(below.V, torch.topk(group_norms(below.V, self.group), k).indices, self.group)
                 return Candidate(lam=below.lam, ratio=below.ratio, width=k, rel_gap=math.nan, seconds=0.0,
                                  resolved=f"truncated from {below.width}", V=V)
+            if out_of_time():
+                return self._nearest(k, began, seconds)
             middle = self.candidate(math.sqrt(hi_lam * below.lam), above)
-            if middle.width >= k:
+            if middle.width >= k or close(middle):
                 below = middle
             else:
                 above = middle
         return below
+
+    def _nearest(self, k: int, began: float, seconds: float) -> Candidate:
+        """The certified candidate nearest to width k, marked as the end of a search out of time."""
+        best = min(self.candidates, key=lambda c: (abs(c.width - k), -c.width))
+        best.resolved = (f"time limit: width {best.width} (asked {k}) after {len(self.candidates)} solves in "
+                         f"{time.perf_counter() - began:.0f} s (limit {seconds:g} s)")
+        return best
 
     def at_accuracy(self, floor: float, refine: int = 5) -> Optional[Candidate]:
         """The narrowest certified candidate whose validation accuracy is at least ``floor``

@@ -156,18 +156,19 @@ def lambda_max(stats: LassoStats) -> float:
 
 def lipschitz(stats: LassoStats) -> float:
     """L = 2 lambda_max(G) / D, the Lipschitz constant of ``gradient``."""
-    times = None
-    if stats.blocks is not None:
-        # The same power iteration with G v block by block: a product with each consumer's block
-        # G_j (sum_j K_j^2 entries) per iteration instead of one with all of G.
-        n, g = stats.groups, stats.group
-        parts = list(zip((columns for _, columns in stats.blocks), stats.block_grams))
+    if stats.blocks is None:
+        return 2.0 * largest_eigenvalue(stats.G) / stats.D
+    # The same power iteration with G v block by block: a product with each consumer's block
+    # G_j (sum_j K_j^2 entries) per iteration instead of one with all of G.
+    n, g = stats.groups, stats.group
+    parts = list(zip((columns for _, columns in stats.blocks), stats.block_grams))
 
-        def times(v: Tensor) -> Tensor:
-            w = torch.empty_like(v)
-            for columns, Gj in parts:
-                w.view(n, g)[:, columns] = (Gj @ v.view(n, g)[:, columns].reshape(-1)).view(n, -1)
-            return w
+    def times(v: Tensor) -> Tensor:
+        w = torch.empty_like(v)
+        for columns, Gj in parts:
+            w.view(n, g)[:, columns] = (Gj @ v.view(n, g)[:, columns].reshape(-1)).view(n, -1)
+        return w
+
     return 2.0 * largest_eigenvalue(stats.G, times=times) / stats.D
 
 

@@ -29,10 +29,10 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Multiply-adds of one forward pass of one sample of shape ``input_shape`` (C, H, W):
-    PyTorch's ``FlopCounterMode`` (convolutions and matrix products; the rest is negligible)
-    counts 2 FLOPs per multiply-add."""
+def _flop_counter(model: nn.Module, input_shape: Sequence[int]) -> FlopCounterMode:
+    """PyTorch's ``FlopCounterMode`` after one eval-mode forward pass of one sample of shape
+    ``input_shape`` (convolutions and matrix products; the rest is negligible; 2 FLOPs per
+    multiply-add). The model's mode is restored."""
     device = next(model.parameters()).device
     was_training = model.training
     try:
@@ -40,23 +40,21 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
             model.eval()(torch.zeros(1, *input_shape, device=device))
     finally:
         model.train(was_training)
-    return counter.get_total_flops() // 2
+    return counter
 
 
-@torch.no_grad()
+def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Multiply-adds of one forward pass of one sample of shape ``input_shape`` (C, H, W)."""
+    return _flop_counter(model, input_shape).get_total_flops() // 2
+
+
 def module_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     """Multiply-adds of one sample of shape ``input_shape`` (C, H, W) in every module that does
     them itself (convolutions and Linear layers, by module path): what a channel of each costs."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model.eval()(torch.zeros(1, *input_shape, device=device))
-    finally:
-        model.train(was_training)
+    counts = _flop_counter(model, input_shape).get_flop_counts()
     root = type(model).__name__ + "."
     leaves = {name for name, m in model.named_modules() if not any(True for _ in m.children())}
-    return {name[len(root):]: sum(counts.values()) // 2 for name, counts in counter.get_flop_counts().items()
+    return {name[len(root):]: sum(c.values()) // 2 for name, c in counts.items()
             if name.startswith(root) and name[len(root):] in leaves}
 
 

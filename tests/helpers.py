@@ -64,16 +64,38 @@ class ToyDataModule(ImageDataModule):
         return TensorDataset(X, (hidden @ torch.randn(16, 3, generator=teacher)).argmax(1))
 
 
-def toy_network(seed: int = 0) -> nn.Module:
-    """8 -> 48 -> 40 -> 3 ReLU network trained full-batch for a few hundred Adam steps on
-    ``ToyDataModule`` (about 90% test accuracy), with weight decay."""
-    torch.manual_seed(seed)
-    network = nn.Sequential(nn.Linear(8, 48), nn.ReLU(), nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 3))
-    data = ToyDataModule(root=".", num_workers=0)
-    X, y = data.make_dataset(True, None).tensors
+def train_on_toy(network: nn.Module, steps: int = 300) -> nn.Module:
+    """``network`` trained full-batch for ``steps`` Adam steps with weight decay on
+    ``ToyDataModule``'s training samples, in eval mode."""
+    X, y = ToyDataModule(root=".", num_workers=0).make_dataset(True, None).tensors
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in range(300):
+    for _ in range(steps):
         optimizer.zero_grad()
         nn.functional.cross_entropy(network(X), y).backward()
         optimizer.step()
     return network.eval()
+
+
+def toy_network(seed: int = 0) -> nn.Module:
+    """8 -> 48 -> 40 -> 3 ReLU network trained on ``ToyDataModule`` (about 90% test accuracy)."""
+    torch.manual_seed(seed)
+    return train_on_toy(nn.Sequential(nn.Linear(8, 48), nn.ReLU(), nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 3)))
+
+
+class ResidualMLP(nn.Module):
+    """8 -> 32 (stream) -> two residual blocks 32 -> 48 -> 32 with GELU -> 3, for ``ToyDataModule``:
+    two internal widths and one coupled stream (producers stem, fc2a, fc2b; consumers fc1a,
+    fc1b, out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 32)
+        self.fc1a, self.fc2a = nn.Linear(32, 48), nn.Linear(48, 32)
+        self.fc1b, self.fc2b = nn.Linear(32, 48), nn.Linear(48, 32)
+        self.out = nn.Linear(32, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.fc2a(nn.functional.gelu(self.fc1a(x))))
+        x = torch.relu(x + self.fc2b(nn.functional.gelu(self.fc1b(x))))
+        return self.out(x)

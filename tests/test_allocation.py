@@ -16,43 +16,18 @@ from compression.settings import Target, TrainerSettings
 from models.checkpoints import load_network
 from models.profile import count_macs
 from models.registry import NetworkSpec
-from tests.helpers import ToyDataModule
-
-
-class ResidualMLP(nn.Module):
-    """8 -> 32 (stream) -> two residual blocks 32 -> 48 -> 32 with GELU -> 3: two internal
-    widths and one coupled stream (producers stem, block1.fc2, block2.fc2)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Linear(8, 32)
-        self.fc1a, self.fc2a = nn.Linear(32, 48), nn.Linear(48, 32)
-        self.fc1b, self.fc2b = nn.Linear(32, 48), nn.Linear(48, 32)
-        self.out = nn.Linear(32, 3)
-
-    def forward(self, x):
-        x = torch.relu(self.stem(x))
-        x = torch.relu(x + self.fc2a(nn.functional.gelu(self.fc1a(x))))
-        x = torch.relu(x + self.fc2b(nn.functional.gelu(self.fc1b(x))))
-        return self.out(x)
+from tests.helpers import ResidualMLP, ToyDataModule, train_on_toy
 
 
 @pytest.fixture(scope="module")
 def residual() -> nn.Module:
     torch.manual_seed(0)
-    network = ResidualMLP()
-    X, y = ToyDataModule(root=".", num_workers=0).make_dataset(True, None).tensors
-    optimizer = torch.optim.Adam(network.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in range(300):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(network(X), y).backward()
-        optimizer.step()
-    return network.eval()
+    return train_on_toy(ResidualMLP())
 
 
 def pipeline(network: nn.Module, folder, **kwargs) -> CompressionPipeline:
     return CompressionPipeline(
-        network=network, spec=NetworkSpec({"class_path": "tests.test_allocation.ResidualMLP"}, 3),
+        network=network, spec=NetworkSpec({"class_path": "tests.helpers.ResidualMLP"}, 3),
         datamodule=ToyDataModule(root=".", num_workers=0, batch_size=256), run_dir=folder, cache_dir=None,
         make_convergence=partial(Convergence, tol=1e-6, verbose=False), debias=True,
         trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False), **kwargs)
