@@ -81,6 +81,12 @@ def imagenet_root(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One pass cache for the compression tests of the session (``tests.helpers.small_compress_args``)."""
+    return tmp_path_factory.mktemp("shared_cache")
+
+
+@pytest.fixture(scope="session")
 def trained_alexnet(tmp_path_factory: pytest.TempPathFactory, fashion_root: str):
     """AlexNet trained by ``train.py`` on 4,096 real Fashion-MNIST images for 2 epochs and
     tested on 1,280 (about a minute): the network the accuracy-floor and compression tests use.
@@ -90,3 +96,25 @@ def trained_alexnet(tmp_path_factory: pytest.TempPathFactory, fashion_root: str)
     folder = tmp_path_factory.mktemp("alexnet")
     return main(small_train_args(folder, fashion_root, "--trainer.max_epochs", "2", "--trainer.limit_test_batches", "20",
                                  subset=4096))
+
+
+def _bytes_written() -> int | None:
+    """Bytes this process has written to storage so far (Linux's /proc/self/io), or None."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+_WRITTEN_AT_START = _bytes_written()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """How much the suite wrote to disk (temporary folders and caches; the README's figure)."""
+    end = _bytes_written()
+    if end is not None and _WRITTEN_AT_START is not None:
+        terminalreporter.write_line(f"the test session wrote {(end - _WRITTEN_AT_START) / 1e9:.2f} GB to disk "
+                                    "(this process; /proc/self/io)")

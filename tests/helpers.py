@@ -33,9 +33,11 @@ def small_train_args(tmp_path: Path, fashion_root: str, *extra: str, subset: int
 
 
 def small_compress_args(tmp_path: Path, fashion_root: str, checkpoint: str, *extra: str, train_subset: int = 2048,
-                        test_subset: int = 1000) -> list[str]:
+                        test_subset: int = 1000, cache_dir: Optional[Path] = None) -> list[str]:
     """``alexnet_fashion_compress.yaml`` on ``train_subset`` training images (the statistics) and
-    ``test_subset`` test images, on the CPU, with logs, caches and reports in ``tmp_path``."""
+    ``test_subset`` test images, on the CPU, with logs and reports in ``tmp_path`` and the pass cache
+    there too, or in ``cache_dir`` (the ``shared_cache`` fixture: entries are keyed by everything
+    they depend on, so tests can share what they compute alike and the suite writes it once)."""
     return [
         "--config", "alexnet_fashion_compress",
         "--checkpoint", checkpoint,
@@ -46,7 +48,7 @@ def small_compress_args(tmp_path: Path, fashion_root: str, checkpoint: str, *ext
         "--trainer.accelerator", "cpu",
         "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-        "--cache_dir", str(tmp_path / "cache"),
+        "--cache_dir", str(cache_dir or tmp_path / "cache"),
         *extra,
     ]
 

@@ -36,14 +36,15 @@ def checkpoint(trained_alexnet) -> str:
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, fashion_root, checkpoint):
+def demo_run(tmp_path_factory, fashion_root, checkpoint, shared_cache):
     """compress.py on [pen, last] with a regularisation path, statistics over 8,192 training images
     (more than the K = 4,096 inputs, so that the compressed layers generalise to the test set)."""
     folder = tmp_path_factory.mktemp("compress")
     report = compress(small_compress_args(folder, fashion_root, checkpoint, "--lambdas", f"[{PEN},{LAST}]",
                                           "--path", f"[{4 * LAST},{2 * LAST},{LAST},{LAST / 2}]",
                                           "--report", str(folder / "extra" / "report.json"),
-                                          "--finetune.epochs", "1", train_subset=DEMO_TRAIN_SUBSET))
+                                          "--finetune.epochs", "1", train_subset=DEMO_TRAIN_SUBSET,
+                                          cache_dir=shared_cache))
     return folder, report
 
 
@@ -93,7 +94,8 @@ def test_fine_tuning_keeps_the_compressed_widths(demo_run):
 
 
 @pytest.mark.slow
-def test_shipped_paper_config_meets_its_accuracy_target_on_the_real_network(tmp_path, fashion_root, checkpoint):
+def test_shipped_paper_config_meets_its_accuracy_target_on_the_real_network(tmp_path, fashion_root, checkpoint,
+                                                                            shared_cache):
     """alexnet_fashion_last.yaml (at most 1 point of validation accuracy) runs unchanged, data
     section aside, and keeps the narrowest certified candidate that meets the budget."""
     report = compress([
@@ -101,7 +103,7 @@ def test_shipped_paper_config_meets_its_accuracy_target_on_the_real_network(tmp_
         "--data.init_args.root", fashion_root, "--data.init_args.train_subset", "2048",
         "--data.init_args.test_subset", "1000", "--data.init_args.num_workers", "0",
         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "cache"),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--cache_dir", str(shared_cache),
     ])
     entry = report["layers"][0]
     floor = report["before"]["val_accuracy"] - 0.01
@@ -138,19 +140,20 @@ def test_report_is_written_everywhere_with_the_path(demo_run):
 
 
 @pytest.mark.slow
-def test_second_run_with_another_lambda_reuses_the_statistics(demo_run, fashion_root, checkpoint):
+def test_second_run_with_another_lambda_reuses_the_statistics(demo_run, fashion_root, checkpoint, shared_cache):
     folder, first = demo_run
-    cached = sorted((folder / "cache").glob("train-classifier.4-*.pt"))
+    cached = sorted(shared_cache.glob("train-classifier.4-*.pt"))
     assert len(cached) == 1
     again = compress(small_compress_args(folder, fashion_root, checkpoint, "--layers", "[pen]",
-                                         "--lambdas", f"[{2 * PEN}]", train_subset=DEMO_TRAIN_SUBSET))
+                                         "--lambdas", f"[{2 * PEN}]", train_subset=DEMO_TRAIN_SUBSET,
+                                         cache_dir=shared_cache))
     assert again["layers"][0]["stats_seconds"] == 0.0  # read from the cache, not recomputed
     assert again["layers"][0]["width_after"] < first["layers"][0]["width_after"]
     # a cache file that does not describe what is asked for is ignored, never trusted
     saved = torch.load(cached[0], weights_only=True)
     saved["description"]["samples"] += 1
     torch.save(saved, cached[0])
-    assert cache.load_entry(folder / "cache", {**saved["description"], "samples": saved["description"]["samples"] - 1}) is None
+    assert cache.load_entry(shared_cache, {**saved["description"], "samples": saved["description"]["samples"] - 1}) is None
 
 
 def _stats(seed: int = 0, n: int = 400, K: int = 60, D: int = 4) -> LassoStats:

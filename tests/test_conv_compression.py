@@ -15,11 +15,12 @@ from tests.helpers import small_compress_args
 
 
 @pytest.fixture(scope="module")
-def conv_run(tmp_path_factory, fashion_root, trained_alexnet):
+def conv_run(tmp_path_factory, fashion_root, trained_alexnet, shared_cache):
     folder = tmp_path_factory.mktemp("conv")
     checkpoint = trained_alexnet.trainer.checkpoint_callback.best_model_path
     report = compress(small_compress_args(folder, fashion_root, checkpoint, "--layers", "[conv2,first]",
-                                          "--lambda_ratios", "[0.003,0.01]", train_subset=1024))
+                                          "--lambda_ratios", "[0.003,0.01]", train_subset=1024,
+                                          cache_dir=shared_cache))
     return folder, report
 
 

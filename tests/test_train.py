@@ -91,8 +91,12 @@ def test_same_seed_same_weights_and_resume_from_last(tmp_path, fashion_root):
     runs = [main(small_train_args(tmp_path / f"r{i}", fashion_root, *common)) for i in range(2)]
     a, b = (r.model.model.state_dict() for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    last = Path(runs[0].trainer.checkpoint_callback.last_model_path)
+    last = Path(runs[0].trainer.checkpoint_callback.dirpath) / "last.ckpt"
     assert last.name == "last.ckpt" and (last.parent / "best.ckpt").is_file()
+    # best.ckpt holds the weights and hyper-parameters (for test, compression); last.ckpt also the optimizer
+    best, full = (torch.load(last.parent / f, weights_only=False) for f in ("best.ckpt", "last.ckpt"))
+    assert "optimizer_states" not in best and best["hyper_parameters"]["arch"] == "alexnet"
+    assert full["optimizer_states"] and (last.parent / "best.ckpt").stat().st_size < 0.5 * last.stat().st_size
     resumed = main(small_train_args(tmp_path / "r2", fashion_root, *common, "--trainer.max_epochs", "2",
                                     "--ckpt_path", str(last)))
     assert resumed.trainer.current_epoch == 2 and resumed.trainer.global_step == 6
