@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LambdaCallback, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
 from callbacks.convergence import Convergence
@@ -120,6 +120,29 @@ def _per_layer(values: list, layers: list[str], what: str) -> list:
 
 def _safe_tag(layer: str) -> str:
     return layer.replace("/", "_")
+
+
+def describe_plan(network: nn.Module, plans: list[LayerPlan], target: Target, allocate: bool) -> str:
+    """The plan, printed once before any pass: every group of neurons and how much to compress it."""
+    analysis = analyse_network(network)
+    how = {"lambda": "at lambda {:g}", "ratio": "at {:g} of its lambda_max", "width": "to width {:g}"}
+    if plans[0].how == "accuracy":
+        share = ("shared by the multiply-adds each group's candidates save per validation image lost"
+                 if allocate else "shared cumulatively, layer by layer")
+        head = f"compressing {len(plans)} group(s) of neurons within {target.max_accuracy_drop:g} point(s) of " \
+               f"validation accuracy, {share}:"
+    else:
+        head = f"compressing {len(plans)} group(s) of neurons:"
+    lines = [head]
+    for plan in plans:
+        group = analysis.group_of(plan.module)
+        readers = [c.name for c in group.consumers]
+        what = f"{group.width} channels read by {', '.join(readers[:4])}" + \
+               (f" and {len(readers) - 4} more" if len(readers) > 4 else "") + \
+               (f", made by {len(group.producers)} layers (coupled)" if group.coupled else "")
+        amount = "" if plan.how == "accuracy" else " " + how[plan.how].format(plan.value)
+        lines.append(f"  {plan.layer}{amount}: {what}")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -234,7 +257,7 @@ class CompressionPipeline:
 
     # --- solving ----------------------------------------------------------------------------
     def solve(self, stats: LassoStats, lam: float, W: Tensor, layer: str, tag: str, V0: Optional[Tensor] = None,
-              **module_overrides: Any) -> Solution:
+              quiet: bool = False, **module_overrides: Any) -> Solution:
         """One multi-task lasso solve with a fresh Trainer; resumes from ``<run_dir>/solve/<tag>``
         when an earlier, interrupted run left a checkpoint there, and returns a finished one's result."""
         fit_dir = self.run_dir / "solve" / tag
@@ -243,6 +266,8 @@ class CompressionPipeline:
             return Solution.load(done)
         module = self.make_module(**module_overrides).attach(stats, lam, W, layer, start=V0)
         convergence = self.make_convergence()
+        if quiet:  # a search prints one line per candidate instead (``_log_candidate``)
+            convergence.verbose = False
         # Under DDP every process solves the same (all-reduced) problem identically, so all
         # hold the same V; only rank 0 writes.
         callbacks: list[pl.Callback] = [convergence]
@@ -251,7 +276,7 @@ class CompressionPipeline:
                                           every_n_train_steps=self.checkpoint_every, save_on_train_epoch_end=False),
                           self._resume_hint(tag)]
         trainer = self.trainer.single_device(
-            self.is_global_zero, callbacks=callbacks, enable_checkpointing=self.is_global_zero,
+            callbacks=callbacks, enable_checkpointing=self.is_global_zero,
             logger=TensorBoardLogger(self.run_dir, name="solve", version=tag, default_hp_metric=False)
             if self.is_global_zero else False,
             log_every_n_steps=1,  # the module decides how often to log (its log_every)
@@ -425,7 +450,7 @@ class CompressionPipeline:
                   **module_overrides: Any) -> LambdaSearch:
         def solve(lam: float, V0: Optional[Tensor]) -> tuple[Tensor, float]:
             solution = self.solve(problem.stats, lam, problem.W, plan.layer, tag=f"{plan.layer}-search-lam{lam:.9g}",
-                                  V0=V0, **module_overrides)
+                                  V0=V0, quiet=True, **module_overrides)
             return solution.V, solution.rel_gap
 
         return LambdaSearch(solve, lambda_max(problem.stats), evaluate, group=problem.group,
@@ -596,7 +621,14 @@ class CompressionPipeline:
                 "resolved": found.resolved}
 
     def _log_candidate(self, layer: str, candidate: Candidate) -> None:
-        if self.logger is None or not self.is_global_zero:
+        """One line per certified candidate, and its numbers in TensorBoard (``search/<layer>/...``)."""
+        if not self.is_global_zero:
+            return
+        accuracy = "" if candidate.val_accuracy is None else f", validation {100 * candidate.val_accuracy:.2f}%"
+        rank_zero_info(f"[{layer}] lambda {candidate.lam:.4g} ({candidate.ratio:.3g} lambda_max): width "
+                       f"{candidate.width}{accuracy}, certified to a gap of {candidate.rel_gap:.1e} in "
+                       f"{candidate.seconds:.1f} s")
+        if self.logger is None:
             return
         experiment, step = self.logger.experiment, getattr(self, "_candidates_logged", 0)
         for key, value in candidate.row().items():
@@ -684,6 +716,8 @@ class CompressionPipeline:
         self.datamodule.prepare_data()
         self.datamodule.setup("fit")
         network = self.network.eval()
+        if self.is_global_zero:
+            rank_zero_info(describe_plan(network, plans, target, allocate))
         heads: dict[str, DataPasses] = {}
 
         def passes_for(modules: Sequence[str]) -> DataPasses:

@@ -131,24 +131,30 @@ def format_allocation(allocation: dict[str, Any]) -> list[str]:
 
 
 def plot_widths(report: dict[str, Any]) -> Figure:
-    """The kept fraction of every compressed group, in network order, and its share of the
-    multiply-adds before and after (the chosen widths of a budget over many layers)."""
+    """The kept fraction of every compressed group, in network order (the chosen widths of a
+    budget over many layers), each bar labelled kept/before; coupled groups in orange."""
     entries = report["layers"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(entries) + 2), 4.2))
-    x = range(len(entries))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(entries) + 2), 4.5))
+    x = list(range(len(entries)))
     kept = [e["width_after"] / e["width_before"] if e["width_before"] else 1.0 for e in entries]
-    coupled = ["stacked" in e for e in entries]
-    ax.bar(x, kept, color=["tab:orange" if c else "tab:blue" for c in coupled])
-    ax.set_xticks(list(x))
+    ax.bar(x, kept, color=["tab:orange" if "stacked" in e else "tab:blue" for e in entries])
+    for i, e in enumerate(entries):
+        ax.annotate(f"{e['width_after']}/{e['width_before']}", (i, kept[i]), ha="center", va="bottom", fontsize=6,
+                    rotation=90 if len(entries) > 12 else 0, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(x)
     ax.set_xticklabels([e["layer"] for e in entries], rotation=90, fontsize=7)
     ax.set_ylabel("kept fraction of the neurons / channels")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.15)
     ax.grid(axis="y", alpha=0.3)
     before, after = report["before"]["macs"], report["after"]["macs"]
-    ax.set_title(f"widths chosen per group (orange: coupled residual channels); multiply-adds "
-                 f"{before / 1e6:.1f} M -> {after / 1e6:.1f} M ({before / max(after, 1):.2f}x fewer)", fontsize=9)
+    ax.set_title(f"widths chosen per group (orange: coupled residual channels)\nmultiply-adds {_count(before)} -> "
+                 f"{_count(after)} ({before / max(after, 1):.2f}x fewer)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f} G" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
 
 
 def format_baselines(layer: str, rows: list[dict[str, Any]]) -> list[str]:

@@ -40,14 +40,15 @@ class TrainerSettings:
         return pl.Trainer(**{**self.distributed(), "logger": False, "enable_checkpointing": False, "enable_model_summary": False,
                              "inference_mode": False, **overrides})
 
-    def single_device(self, is_global_zero: bool, **overrides: Any) -> pl.Trainer:
+    def single_device(self, **overrides: Any) -> pl.Trainer:
         """A Trainer on this process's own device (under DDP on GPUs, process i uses GPU i):
-        solves are small, and every process solves the same all-reduced problem."""
+        solves are small, and every process solves the same all-reduced problem. No progress
+        bar: a compression makes dozens of solves, each reported in one line when it ends."""
         on_gpu = self.accelerator != "cpu" and torch.cuda.is_available()
         devices = [int(os.environ.get("LOCAL_RANK", 0))] if on_gpu else 1
         return pl.Trainer(**{"accelerator": self.accelerator, "devices": devices, "max_steps": self.max_steps,
-                             "max_epochs": -1, "enable_model_summary": False,
-                             "enable_progress_bar": self.enable_progress_bar and is_global_zero, **overrides})
+                             "max_epochs": -1, "enable_model_summary": False, "enable_progress_bar": False,
+                             **overrides})
 
     @property
     def compute_device(self) -> torch.device:

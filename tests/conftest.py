@@ -99,10 +99,11 @@ def trained_alexnet(tmp_path_factory: pytest.TempPathFactory, fashion_root: str)
 
 
 def _bytes_written() -> int | None:
-    """Bytes this process has written to storage so far (Linux's /proc/self/io), or None."""
+    """Bytes this process has passed to write() so far (Linux's /proc/self/io ``wchar``: files,
+    deleted or not, and a little terminal output), or None where there is no /proc."""
     try:
         for line in Path("/proc/self/io").read_text().splitlines():
-            if line.startswith("write_bytes:"):
+            if line.startswith("wchar:"):
                 return int(line.split()[1])
     except OSError:
         return None
@@ -116,5 +117,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     """How much the suite wrote to disk (temporary folders and caches; the README's figure)."""
     end = _bytes_written()
     if end is not None and _WRITTEN_AT_START is not None:
-        terminalreporter.write_line(f"the test session wrote {(end - _WRITTEN_AT_START) / 1e9:.2f} GB to disk "
-                                    "(this process; /proc/self/io)")
+        terminalreporter.write_line(f"the test session wrote {(end - _WRITTEN_AT_START) / 1e9:.2f} GB "
+                                    "(this process's write() calls, /proc/self/io; its subprocesses apart)")
