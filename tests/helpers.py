@@ -9,6 +9,8 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from datamodules.base import ImageDataModule
+from models.checkpoints import save_network
+from models.registry import NetworkSpec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,3 +103,17 @@ class ResidualMLP(nn.Module):
         x = torch.relu(x + self.fc2a(nn.functional.gelu(self.fc1a(x))))
         x = torch.relu(x + self.fc2b(nn.functional.gelu(self.fc1b(x))))
         return self.out(x)
+
+
+def toy_compress_args(tmp_path: Path, *extra: str) -> list[str]:
+    """compress.py on a trained ``ResidualMLP`` saved in ``tmp_path`` (its class path: rebuilt
+    without the original), ``ToyDataModule``, layers fc2a and out at 0.1 of lambda_max: seconds."""
+    torch.manual_seed(0)
+    save_network(ResidualMLP().eval(), tmp_path / "net.pt", NetworkSpec({"class_path": "tests.helpers.ResidualMLP"}, 3))
+    return ["--checkpoint", str(tmp_path / "net.pt"), "--data.class_path", "tests.helpers.ToyDataModule",
+            "--data.init_args.root", ".", "--data.init_args.num_workers", "0", "--layers", "[fc2a, out]",
+            "--lambda_ratios", "[0.1]", "--cache_dir", str(tmp_path / "cache"), "--trainer.accelerator", "cpu",
+            "--trainer.enable_progress_bar", "false", "--convergence.verbose", "false",
+            "--trainer.logger.class_path", "pytorch_lightning.loggers.TensorBoardLogger",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+            "--trainer.logger.init_args.name", "disk", "--trainer.logger.init_args.version", "run", *extra]

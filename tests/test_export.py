@@ -173,3 +173,23 @@ def test_the_documented_loader_rebuilds_a_compressed_torchvision_network(tmp_pat
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+def test_compress_exports_checks_and_times_the_original_and_the_compressed_network(tmp_path):
+    """``compress.py --export onnx,torchscript``: both files of both networks next to
+    compressed.pt, each within 1e-4 of PyTorch, and ONNX Runtime's latency in the report."""
+    pytest.importorskip("onnxruntime", reason="the export extra: pip install -e .[export]")
+    from compress import main as compress
+    from tests.helpers import toy_compress_args
+
+    report = compress(toy_compress_args(tmp_path, "--export", "onnx,torchscript"))
+    export = report["export"]
+    for fmt, suffix in (("onnx", ".onnx"), ("torchscript", ".ts.pt")):
+        for name in ("original", "compressed"):
+            assert export[fmt][name]["file"].endswith(name + suffix) and Path(export[fmt][name]["file"]).is_file()
+            assert export[fmt][name]["max_rel_difference"] <= 1e-4
+    assert export["onnx"]["compressed"]["bytes"] < export["onnx"]["original"]["bytes"]
+    for table in (export["onnx_latency_ms"], export["torch_latency_ms"]):
+        assert all(table[name][b] > 0 for name in ("original", "compressed") for b in (1, 64))
+    with pytest.raises(ValueError, match="export format 'tflite': choose from onnx, torchscript"):
+        compress(toy_compress_args(tmp_path / "bad", "--export", "tflite"))

@@ -13,7 +13,7 @@ import torch
 from compress import main as compress
 from models.checkpoints import save_network
 from models.registry import NetworkSpec
-from tests.helpers import REPO, ResidualMLP
+from tests.helpers import REPO, ResidualMLP, toy_compress_args
 
 
 def test_sigterm_mid_solve_stops_within_seconds_and_the_run_resumes(tmp_path):
@@ -46,30 +46,18 @@ def test_sigterm_mid_solve_stops_within_seconds_and_the_run_resumes(tmp_path):
     assert entry["steps"] == 4000 and "budget" in entry["stop"]  # the same budget as one uninterrupted solve
 
 
-def toy_args(tmp_path, *extra: str) -> list[str]:
-    torch.manual_seed(0)
-    save_network(ResidualMLP().eval(), tmp_path / "net.pt", NetworkSpec({"class_path": "tests.helpers.ResidualMLP"}, 3))
-    return ["--checkpoint", str(tmp_path / "net.pt"), "--data.class_path", "tests.helpers.ToyDataModule",
-            "--data.init_args.root", ".", "--data.init_args.num_workers", "0", "--layers", "[fc2a, out]",
-            "--lambda_ratios", "[0.1]", "--cache_dir", str(tmp_path / "cache"), "--trainer.accelerator", "cpu",
-            "--trainer.enable_progress_bar", "false", "--convergence.verbose", "false",
-            "--trainer.logger.class_path", "pytorch_lightning.loggers.TensorBoardLogger",
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-            "--trainer.logger.init_args.name", "disk", "--trainer.logger.init_args.version", "run", *extra]
-
-
 def test_a_cache_limit_too_small_or_a_full_disk_stop_before_writing_and_the_run_resumes(tmp_path, monkeypatch):
     from compression import cache
 
     with pytest.raises(cache.CacheSpaceError, match=r"a cache entry of .* is larger than the cache's limit of "
                                                      r".*--cache_max_gb 1e-06"):
-        compress(toy_args(tmp_path, "--cache_max_gb", "1e-6"))
+        compress(toy_compress_args(tmp_path, "--cache_max_gb", "1e-6"))
     assert not any((tmp_path / "cache").glob("*.pt"))  # refused before the write
     monkeypatch.setattr(cache, "RESERVE_BYTES", 10 ** 18)  # a disk with too little free space
     with pytest.raises(cache.CacheSpaceError, match=r"needs .* free .* but the disk has .* free: free some space or "
                                                      r"point --cache_dir at a larger disk"):
-        compress(toy_args(tmp_path))
+        compress(toy_compress_args(tmp_path))
     monkeypatch.setattr(cache, "RESERVE_BYTES", 0)
-    report = compress(toy_args(tmp_path, "--resume", str(tmp_path / "runs" / "disk" / "run")))
+    report = compress(toy_compress_args(tmp_path, "--resume", str(tmp_path / "runs" / "disk" / "run")))
     assert [e["width_after"] < e["width_before"] for e in report["layers"]] == [True, True]
     assert report["cache"]["written"] > 0 and report["cache"]["max_bytes"] > 0
