@@ -7,6 +7,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -112,7 +113,9 @@ class Classifier(pl.LightningModule):
         everything a resumed run needs."""
         callbacks: list[Callback] = []
         given = self.trainer.checkpoint_callback
-        if given is not None:  # unless enable_checkpointing: false
+        # Only when fitting: at test time Lightning calls this again, and new instances would
+        # replace the ones that know the best checkpoint (``best_model_path`` would read '').
+        if given is not None and self.trainer.state.fn == TrainerFn.FITTING:  # unless enable_checkpointing: false
             # These replace the trainer's ModelCheckpoint; keep the folder it was given (None: the log dir).
             dirpath = given.dirpath if isinstance(given, ModelCheckpoint) else None
             callbacks.append(ModelCheckpoint(dirpath=dirpath, monitor="val/acc", mode="max", filename="best",
