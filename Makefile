@@ -31,8 +31,8 @@ data: install  ## Fashion-MNIST into data/ (Debian's dataset-fashion-mnist if ap
 $(DEMO_CKPT):
 	$(PY) train.py --config alexnet_fashion --trainer.logger.init_args.version demo
 
-demo: install data $(DEMO_CKPT)  ## train (once) and compress AlexNet on Fashion-MNIST, print the report
-	$(PY) compress.py --config alexnet_fashion_compress --checkpoint $(DEMO_CKPT)
+demo: install data $(DEMO_CKPT)  ## train (once) and compress AlexNet on Fashion-MNIST, export it to ONNX, print the report
+	$(PY) compress.py --config alexnet_fashion_compress --checkpoint $(DEMO_CKPT) --export onnx
 
 test: install data  ## the whole test suite (CPU)
 	$(PY) -m pytest -q

@@ -14,7 +14,7 @@ For each network (trained here on Fashion-MNIST by ``train.py --config <net>_fas
   fine-tuning;
 - batch-1 CPU latency of every network, measured in turns in one process at the end.
 
-    python -m benchmarks.architectures --network resnet56 [--checkpoint ...] [--budgets 1 2]
+    python -m benchmarks.architectures --network resnet56 [--checkpoint ...] [--budgets 1 2] [--finetune_epochs 0]
 
 Writes ``benchmarks/results/architectures.json``: one row per network, method and fine-tuning
 length, ``{network, method, finetune_epochs, widths, macs_before, macs_after,
@@ -32,6 +32,7 @@ from typing import Any, Optional
 
 import torch
 
+from benchmarks import read_results, write_results
 from cli.setup import configure_process
 from compress import main as compress
 from compression.baselines import torch_pruning_at_widths
@@ -113,19 +114,23 @@ def main_runs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     for budget in args.budgets:
         report, seconds = lasso_run(args, work, f"macs{budget:g}", "--target.max_accuracy_drop", str(budget),
-                                    "--finetune.epochs", "1")
+                                    "--finetune.epochs", str(args.finetune_epochs))
         widths = record(f"macs{budget:g}", report, seconds)
-        add("lasso_refit", 0, load_network(report["network_after_surgery"]), widths, budget, seconds=seconds)
-        add("lasso_refit", 1, load_network(report["network"]), widths, budget)
+        add("lasso_refit", 0, load_network(report.get("network_after_surgery", report["network"])), widths, budget,
+            seconds=seconds)
+        if args.finetune_epochs:
+            add("lasso_refit", args.finetune_epochs, load_network(report["network"]), widths, budget)
         loss_batches = CompressionPipeline(original, spec, dm, work)._loss_batches()
         for importance in ("magnitude", "taylor"):
             pruned = torch_pruning_at_widths(original, widths, importance, example_inputs=torch.zeros(1, *shape),
                                              loss_batches=loss_batches)
             folder = work / f"torch_pruning_{importance}_{budget:g}"
             saved = save_network(pruned.eval(), folder / "pruned.pt", spec)
-            tuned, _ = finetune(saved, spec, dm, FinetuneSettings(epochs=1), hparams, folder, trainer)
             add(f"torch_pruning_{importance}", 0, load_network(saved), widths, budget)
-            add(f"torch_pruning_{importance}", 1, tuned, widths, budget)
+            if args.finetune_epochs:
+                tuned, _ = finetune(saved, spec, dm, FinetuneSettings(epochs=args.finetune_epochs), hparams, folder,
+                                    trainer)
+                add(f"torch_pruning_{importance}", args.finetune_epochs, tuned, widths, budget)
     budget = args.budgets[0]
     report, seconds = lasso_run(args, work, f"cumulative{budget:g}", "--target.max_accuracy_drop", str(budget),
                                 "--target.share", "cumulative")
@@ -151,16 +156,16 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 2.0],
                         help="validation budgets (points); the first is also run with the cumulative share and "
                              "over the internal widths alone")
+    parser.add_argument("--finetune_epochs", type=int, default=1,
+                        help="fine-tuning after the lasso runs at each budget and after Torch-Pruning (0: none)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/architectures.json"))
     args = parser.parse_args()
     args.checkpoint = args.checkpoint or CHECKPOINTS[args.network]
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": [], "runs": {}}
+    results = read_results(args.out, {"rows": [], "runs": {}})
     measured = main_runs(args, Path(args.work) / args.network)
     results["rows"] = [r for r in results["rows"] if r["network"] != args.network] + measured["rows"]
     results["runs"][args.network] = measured["runs"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    print(f"written: {args.out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

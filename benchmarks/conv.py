@@ -27,13 +27,13 @@ The README's "Results measured here" gives the numbers of its last run.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from benchmarks import read_results, write_results
 from cli.setup import configure_process
 from compress import main as compress
 from compression.baselines import torch_pruning_at_widths
@@ -172,15 +172,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/conv.json"))
     args = parser.parse_args()
     work = Path(args.work)
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results = read_results(args.out, {})
     if not args.skip_solver:
         results["conv4_solver"] = conv4_solver(args, work / "solver")
-        args.out.write_text(json.dumps(results, indent=1))
+        write_results(args.out, results)
     if not args.skip_network:
         results["network"] = whole_network(args, work / "network")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    print(f"written: {args.out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

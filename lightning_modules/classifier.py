@@ -33,6 +33,9 @@ class Classifier(pl.LightningModule):
             weight decay whose effect on width the project studies).
         schedule: ``constant``, ``cosine`` (to 0 over ``max_epochs``) or ``step``
             (x ``gamma`` every ``step_size`` epochs).
+        save_last: write ``last.ckpt`` (weights, optimizer and loop state: what ``--ckpt_path``
+            resumes from; three times ``best.ckpt`` with Adam) after every epoch. ``false`` keeps
+            only ``best.ckpt``, for short runs that will not be resumed.
         init_checkpoint: start from these weights (any format ``models.checkpoints`` reads),
             also a compressed network (``save_network``): the layers are resized to the file's
             (smaller) shapes, so fine-tuning keeps the network compressed.
@@ -53,6 +56,7 @@ class Classifier(pl.LightningModule):
         step_size: int = 30,
         gamma: float = 0.1,
         init_checkpoint: Optional[str] = None,
+        save_last: bool = True,
     ) -> None:
         super().__init__()
         if lr <= 0 or weight_decay < 0:
@@ -120,9 +124,10 @@ class Classifier(pl.LightningModule):
             dirpath = given.dirpath if isinstance(given, ModelCheckpoint) else None
             callbacks.append(ModelCheckpoint(dirpath=dirpath, monitor="val/acc", mode="max", filename="best",
                                              auto_insert_metric_name=False, save_weights_only=True))
-            # the latest epoch, whole (monitor None: top-1 is the newest), under the name resumes use
-            callbacks.append(ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
-                                             enable_version_counter=False))
+            if self.hparams.save_last:
+                # the latest epoch, whole (monitor None: top-1 is the newest), under the name resumes use
+                callbacks.append(ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
+                                                 enable_version_counter=False))
         if self.trainer.logger is not None:
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
         return callbacks

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,7 @@ def trained_alexnet(tmp_path_factory: pytest.TempPathFactory, fashion_root: str)
 
     folder = tmp_path_factory.mktemp("alexnet")
     return main(small_train_args(folder, fashion_root, "--trainer.max_epochs", "2", "--trainer.limit_test_batches", "20",
+                                 "--model.init_args.save_last", "false",
                                  subset=4096))
 
 
@@ -111,11 +113,30 @@ def _bytes_written() -> int | None:
 
 
 _WRITTEN_AT_START = _bytes_written()
+_WRITTEN_BY_TEST: dict[str, int] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Bytes written by each test, its fixtures' set-up and tear-down included (a session fixture
+    counts for the first test that uses it)."""
+    start = _bytes_written()
+    yield
+    end = _bytes_written()
+    if start is not None and end is not None:
+        _WRITTEN_BY_TEST[item.nodeid] = end - start
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    """How much the suite wrote to disk (temporary folders and caches; the README's figure)."""
+    """How much the suite wrote to disk (temporary folders and caches; the README's figure), and
+    which tests wrote most."""
     end = _bytes_written()
-    if end is not None and _WRITTEN_AT_START is not None:
-        terminalreporter.write_line(f"the test session wrote {(end - _WRITTEN_AT_START) / 1e9:.2f} GB "
-                                    "(this process's write() calls, /proc/self/io; its subprocesses apart)")
+    if end is None or _WRITTEN_AT_START is None:
+        return
+    # subprocesses (DDP ranks, the stop-signal runs): what reached the block layer, in 512-byte units
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_oublock * 512
+    terminalreporter.write_line(f"the test session wrote {(end - _WRITTEN_AT_START) / 1e9:.2f} GB "
+                                f"(this process's write() calls, /proc/self/io) and its subprocesses "
+                                f"{children / 1e9:.2f} GB (block writes, getrusage)")
+    for nodeid, written in sorted(_WRITTEN_BY_TEST.items(), key=lambda kv: -kv[1])[:8]:
+        terminalreporter.write_line(f"  {written / 1e9:6.2f} GB  {nodeid}")

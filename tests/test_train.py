@@ -88,7 +88,9 @@ def test_same_seed_same_weights_and_resume_from_last(tmp_path, fashion_root):
     """Two runs with one seed give identical weights; a run resumed from last.ckpt continues it."""
     # constant lr: a cosine schedule over 1 epoch would end at lr 0 and the resumed epoch would not move
     common = ["--trainer.limit_train_batches", "3", "--test", "false", "--model.init_args.schedule", "constant"]
-    runs = [main(small_train_args(tmp_path / f"r{i}", fashion_root, *common)) for i in range(2)]
+    # the second run and the resumed one keep best.ckpt only (save_last false: no resume follows them)
+    runs = [main(small_train_args(tmp_path / f"r{i}", fashion_root, *common, *(["--model.init_args.save_last", "false"] * i)))
+            for i in range(2)]
     a, b = (r.model.model.state_dict() for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     last = Path(runs[0].trainer.checkpoint_callback.dirpath) / "last.ckpt"
@@ -98,8 +100,9 @@ def test_same_seed_same_weights_and_resume_from_last(tmp_path, fashion_root):
     assert "optimizer_states" not in best and best["hyper_parameters"]["arch"] == "alexnet"
     assert full["optimizer_states"] and (last.parent / "best.ckpt").stat().st_size < 0.5 * last.stat().st_size
     resumed = main(small_train_args(tmp_path / "r2", fashion_root, *common, "--trainer.max_epochs", "2",
-                                    "--ckpt_path", str(last)))
+                                    "--ckpt_path", str(last), "--model.init_args.save_last", "false"))
     assert resumed.trainer.current_epoch == 2 and resumed.trainer.global_step == 6
+    assert not (Path(runs[1].trainer.checkpoint_callback.dirpath) / "last.ckpt").exists()
     assert not torch.equal(resumed.model.model.classifier[6].weight, runs[0].model.model.classifier[6].weight)
 
 
