@@ -45,7 +45,7 @@ from compression.settings import Target, TrainerSettings
 from grouplasso import LassoStats, active_columns, active_groups, check_lambda, debias, lambda_max, mse, objective
 from lightning_modules.lasso import LassoCompression
 from models.checkpoints import save_network
-from models.dependency import NeuronGroup, analyse_network
+from models.dependency import NetworkAnalysis, NeuronGroup, analyse_network
 from models.layers import analyse_layer, group_width, resolve_layers
 from models.profile import count_macs, count_parameters, latencies_in_turns, latency_ms, layer_widths, module_macs
 from models.registry import NetworkSpec
@@ -122,9 +122,8 @@ def _safe_tag(layer: str) -> str:
     return layer.replace("/", "_")
 
 
-def describe_plan(network: nn.Module, plans: list[LayerPlan], target: Target, allocate: bool) -> str:
+def describe_plan(analysis: NetworkAnalysis, plans: list[LayerPlan], target: Target, allocate: bool) -> str:
     """The plan, printed once before any pass: every group of neurons and how much to compress it."""
-    analysis = analyse_network(network)
     how = {"lambda": "at lambda {:g}", "ratio": "at {:g} of its lambda_max", "width": "to width {:g}"}
     if plans[0].how == "accuracy":
         share = ("shared by the multiply-adds each group's candidates save per validation image lost"
@@ -197,11 +196,12 @@ class CompressionPipeline:
 
     # --- 1. inputs, checked once ------------------------------------------------------------
     def plan(self, layers: list[str], lambdas: Optional[list[float]] = None,
-             lambda_ratios: Optional[list[float]] = None, target: Optional[Target] = None) -> list[LayerPlan]:
+             lambda_ratios: Optional[list[float]] = None, target: Optional[Target] = None,
+             analysis: Optional[NetworkAnalysis] = None) -> list[LayerPlan]:
         """One ``LayerPlan`` per group of neurons; raises ``ValueError`` naming the problem and the fix."""
         if not layers:
             raise ValueError("no layers to compress: set layers, e.g. [pen, last], [all] or ['layer*.*.conv1']")
-        analysis = analyse_network(self.network)
+        analysis = analysis or analyse_network(self.network)
         named: list[tuple[str, str]] = []  # (the name shown, module path)
         for name in layers:
             paths = resolve_layers(self.network, [name], self.spec.arch, analysis)  # errors list valid names
@@ -478,7 +478,8 @@ class CompressionPipeline:
 
     # --- 2'. one budget for many groups ----------------------------------------------------------
     def allocate(self, network: nn.Module, plans: list[LayerPlan], passes_for: Callable[[Sequence[str]], DataPasses],
-                 reference: dict[str, Any]) -> tuple[nn.Module, list[dict[str, Any]], dict[str, Any]]:
+                 reference: dict[str, Any], analysis: Optional[NetworkAnalysis] = None,
+                 ) -> tuple[nn.Module, list[dict[str, Any]], dict[str, Any]]:
         """Share one accuracy budget between ``plans`` by what each group's candidates buy
         (``compression.allocation``): every group's certified candidates on the original network
         (all statistics in one pass per head), each judged alone on the validation split; the
@@ -486,7 +487,7 @@ class CompressionPipeline:
         network, the budget corrected (at most ``max_tries`` times) until the real loss is
         within it. Returns the network, the report entries and the allocation's record."""
         budget_points = plans[0].value
-        analysis = analyse_network(network)
+        analysis = analysis or analyse_network(network)
         groups = [analysis.group_of(plan.module) for plan in plans]
         # 1. every group's statistics on the original network: one pass per head
         heads: dict[int, list[int]] = {}
@@ -698,7 +699,10 @@ class CompressionPipeline:
             path: Optional[list[float]] = None, path_ratios: Optional[list[float]] = None) -> dict[str, Any]:
         """Compress ``layers`` in order; returns the report (see the module doc)."""
         target = target or Target()
-        plans = self.plan(layers, lambdas, lambda_ratios, target)
+        # traced once: surgery changes widths, not which modules read a group, so the consumers'
+        # names hold for every step of the run
+        analysis = analyse_network(self.network.eval())
+        plans = self.plan(layers, lambdas, lambda_ratios, target, analysis)
         if path is not None and path_ratios is not None:
             raise ValueError("give the path as --path (lambdas) or --path_ratios (fractions of lambda_max), not both")
         for lam in path or []:
@@ -717,7 +721,7 @@ class CompressionPipeline:
         self.datamodule.setup("fit")
         network = self.network.eval()
         if self.is_global_zero:
-            rank_zero_info(describe_plan(network, plans, target, allocate))
+            rank_zero_info(describe_plan(analysis, plans, target, allocate))
         heads: dict[str, DataPasses] = {}
 
         def passes_for(modules: Sequence[str]) -> DataPasses:
@@ -730,14 +734,14 @@ class CompressionPipeline:
             return heads[head]
 
         def consumers(plan: LayerPlan) -> list[str]:
-            return [c.name for c in analyse_layer(network, plan.module).consumers]
+            return [c.name for c in analysis.group_of(plan.module).consumers]
 
         with_val = any(p.how == "accuracy" for p in plans)
         first = passes_for(consumers(plans[0]))
         report: dict[str, Any] = {"before": self.profile(network, first, with_val, consumers(plans[0])), "layers": []}
         if allocate:
             network, report["layers"], report["allocation"] = self.allocate(network, plans, passes_for,
-                                                                            report["before"])
+                                                                            report["before"], analysis)
         else:
             for plan in plans:
                 network, entry = self.compress_layer(network, plan, passes_for(consumers(plan)), report["before"],
