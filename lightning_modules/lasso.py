@@ -188,8 +188,14 @@ class LassoCompression(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lasso_problem"] = self._problem()
+        # V is the solver's iterate, saved with the solver's state: not a second time (D x K
+        # float64, 134 MB for the penultimate layer of AlexNet)
+        checkpoint.get("state_dict", {}).pop("V", None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if state is not None and "V" not in state:  # the strict load wants it; the solver's state restores it after
+            state["V"] = checkpoint["optimizer_states"][0]["solver"]["V"]
         saved = checkpoint.get("lasso_problem", {})
         mine = self._problem()
         if saved and {"group": 1, **saved} != mine:  # checkpoints from before groups: group 1
