@@ -101,11 +101,12 @@ def trained_alexnet(tmp_path_factory: pytest.TempPathFactory, fashion_root: str)
 
 
 def _bytes_written() -> int | None:
-    """Bytes this process has passed to write() so far (Linux's /proc/self/io ``wchar``: files,
-    deleted or not, and a little terminal output), or None where there is no /proc."""
+    """Bytes this process has written to files so far, deleted later or not (Linux's /proc/self/io
+    ``write_bytes``: what went to the storage layer; not ``wchar``, which also counts sockets, and
+    a two-process DDP test all-reduces a 0.7 GB Gram matrix through one), or None without /proc."""
     try:
         for line in Path("/proc/self/io").read_text().splitlines():
-            if line.startswith("wchar:"):
+            if line.startswith("write_bytes:"):
                 return int(line.split()[1])
     except OSError:
         return None
@@ -136,7 +137,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     # subprocesses (DDP ranks, the stop-signal runs): what reached the block layer, in 512-byte units
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_oublock * 512
     terminalreporter.write_line(f"the test session wrote {(end - _WRITTEN_AT_START) / 1e9:.2f} GB "
-                                f"(this process's write() calls, /proc/self/io) and its subprocesses "
+                                f"to files (this process's write_bytes, /proc/self/io) and its subprocesses "
                                 f"{children / 1e9:.2f} GB (block writes, getrusage)")
     for nodeid, written in sorted(_WRITTEN_BY_TEST.items(), key=lambda kv: -kv[1])[:8]:
         terminalreporter.write_line(f"  {written / 1e9:6.2f} GB  {nodeid}")

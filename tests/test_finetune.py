@@ -23,12 +23,15 @@ TRAIN_HPARAMS = {"hparams": {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "
 
 @pytest.fixture(scope="module")
 def compressed_file(tmp_path_factory):
-    """AlexNet (untrained) with all but 20 inputs of classifier.6 removed, saved with save_network."""
+    """AlexNet (untrained) with all but 20 inputs of classifier.6 and 32 of classifier.4 removed,
+    saved with save_network: small enough (2.8 M parameters) that a checkpoint with Adam's state is
+    tens of MB, not the 700 MB of the full head."""
     torch.manual_seed(0)
-    model = build_model("alexnet", 10)
-    V = model.get_submodule("classifier.6").weight.detach().clone()
-    V[:, 20:] = 0
-    small = remove_neurons(model, analyse_layer(model, "classifier.6"), {"classifier.6": V})
+    small = build_model("alexnet", 10)
+    for layer, keep in (("classifier.6", 20), ("classifier.4", 32)):
+        V = small.get_submodule(layer).weight.detach().clone()
+        V[:, keep:] = 0
+        small = remove_neurons(small, analyse_layer(small, layer), {layer: V})
     return save_network(small, tmp_path_factory.mktemp("compressed") / "network.pt", NetworkSpec("alexnet", 10))
 
 
