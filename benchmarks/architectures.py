@@ -20,7 +20,9 @@ Writes ``benchmarks/results/architectures.json``: one row per network, method an
 length, ``{network, method, finetune_epochs, widths, macs_before, macs_after,
 test_accuracy_before, test_accuracy_after, latency_ms_before, latency_ms_after}`` (plus the
 budget and the run's seconds) under ``rows``, and each compression run's summary under
-``runs[network]`` (seconds, the allocation's tries, widths).
+``runs[network]`` (seconds, the allocation's tries, widths), and under ``deployment[network]``
+the first lasso network against the original exported to ONNX: the check against PyTorch and
+batch-1 and batch-64 latency in ONNX Runtime and PyTorch.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from compression.settings import TrainerSettings
 from datamodules.fashion_mnist import FashionMNISTDataModule
 from models.checkpoints import load_network, network_spec, read_checkpoint, save_network
 from models.dependency import analyse_network
+from models.export import check_onnx, export_onnx, onnx_latency_ms
 from models.layers import compressible_layers
 from models.profile import count_macs, latencies_in_turns
 
@@ -85,6 +88,7 @@ def main_runs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     dm.prepare_data()
     dm.setup("fit")
     shape = tuple(dm.test_set[0][0].shape)
+    images = torch.stack([dm.val_set[i][0] for i in range(64)])  # the ONNX files' check
     passes = DataPasses(dm, "", TRAINER, Path(args.cache_dir), work)
     trainer = {**TRAINER.distributed(), "enable_progress_bar": False}
     original = load_network(args.checkpoint)
@@ -137,6 +141,8 @@ def main_runs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                     trainer)
                 add(f"torch_pruning_{importance}", args.finetune_epochs, tuned, widths, budget)
     budget = args.budgets[0]
+    if args.no_comparisons:
+        return finish(rows, networks, runs, shape, work, images)
     report, seconds = lasso_run(args, work, f"cumulative{budget:g}", "--target.max_accuracy_drop", str(budget),
                                 "--target.share", "cumulative")
     add("lasso_refit, cumulative share", 0, load_network(report["network"]), record(f"cumulative{budget:g}", report,
@@ -146,10 +152,25 @@ def main_runs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                 "--layers", json.dumps(internal))
     add("lasso_refit, internal widths only", 0, load_network(report["network"]),
         record(f"internal{budget:g}", report, seconds), budget, seconds=seconds)
+    return finish(rows, networks, runs, shape, work, images)
+
+
+def finish(rows: list[dict], networks: dict[str, torch.nn.Module], runs: dict, shape: tuple, work: Path,
+           images: torch.Tensor) -> dict[str, Any]:
+    """Batch-1 CPU latency of every network, measured in turns in one process, into the rows; and
+    the original and the first lasso network as deployed: exported to ONNX, checked against
+    PyTorch on ``images``, timed at batch 1 and 64 in ONNX Runtime and in PyTorch."""
     latency = {name: per[1] for name, per in latencies_in_turns(networks, shape).items()}
+    deployed = {"original": networks["original"], "compressed": networks[rows[0]["key"]]}
     for row in rows:
         row["latency_ms_before"], row["latency_ms_after"] = latency["original"], latency[row.pop("key")]
-    return {"rows": rows, "runs": runs}
+    files, deployment = {}, {"method": rows[0]["method"], "budget": rows[0]["budget"]}
+    for name, network in deployed.items():
+        files[name] = export_onnx(network, work / f"{name}.onnx", shape)
+        deployment[f"{name}_onnx_max_rel_difference"] = check_onnx(files[name], network, images).max_rel
+    deployment["onnx_latency_ms"] = onnx_latency_ms(files, shape)
+    deployment["torch_latency_ms"] = latencies_in_turns(deployed, shape, (1, 64))
+    return {"rows": rows, "runs": runs, "deployment": deployment}
 
 
 def main() -> None:
@@ -163,13 +184,16 @@ def main() -> None:
                              "over the internal widths alone")
     parser.add_argument("--finetune_epochs", type=int, default=1,
                         help="fine-tuning after the lasso runs at each budget and after Torch-Pruning (0: none)")
+    parser.add_argument("--no_comparisons", action="store_true",
+                        help="leave out the cumulative-share and internal-widths-only runs")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/architectures.json"))
     args = parser.parse_args()
     args.checkpoint = args.checkpoint or CHECKPOINTS[args.network]
-    results = read_results(args.out, {"rows": [], "runs": {}})
+    results = read_results(args.out, {"rows": [], "runs": {}, "deployment": {}})
     measured = main_runs(args, Path(args.work) / args.network)
     results["rows"] = [r for r in results["rows"] if r["network"] != args.network] + measured["rows"]
     results["runs"][args.network] = measured["runs"]
+    results.setdefault("deployment", {})[args.network] = measured["deployment"]
     write_results(args.out, results)
 
 

@@ -13,12 +13,13 @@ is a multiple-choice knapsack; its costs are whole numbers of images, so dynamic
 programming over the budget solves it exactly (``choose``) in O(groups x candidates x B).
 Losses of different groups do not add exactly (two cuts interact), which is why the chosen
 set is re-validated on the whole network and the budget corrected until it holds
-(``compression.pipeline``).
+(``compression.pipeline``, the next budget by ``next_budget``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,20 @@ def choose(options: Sequence[Sequence[Option]], budget: int) -> tuple[list[int |
             b -= option.cost
             cost += option.cost
     return chosen, total, cost
+
+
+def next_budget(level: int, budget: int, lost: float, predicted: int) -> Optional[int]:
+    """The knapsack budget of the next try, after a try at ``level`` whose choice was predicted
+    to lose ``predicted`` images and lost ``lost`` on the whole network, for a real budget of
+    ``budget`` images.
+
+    Too much lost: shrink in proportion, and below ``predicted`` too, so that the choice must
+    change (when the cuts interact more than they add, a proportional step can keep choosing the
+    same set); None when the choice was already of free candidates only (nothing smaller is
+    left). Within the budget: grow in proportion (the sum over-estimated the loss), at most to
+    four times the budget."""
+    if lost > budget:
+        if predicted <= 0:
+            return None
+        return max(0, min(int(math.floor(level * budget / lost)), predicted - 1))
+    return min(4 * budget, int(math.ceil(level * budget / max(lost, 1.0))))

@@ -35,7 +35,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import Tensor, nn
 
 from callbacks.convergence import Convergence
-from compression.allocation import Option, choose
+from compression.allocation import Option, choose, next_budget
 from compression.baselines import IMPORTANCES, equal_width_weights, torch_pruning_available, torch_pruning_network
 from compression.finetune import FinetuneSettings, finetune
 from compression.layer_problem import LayerProblem
@@ -173,7 +173,7 @@ class CompressionPipeline:
     conv_sampling: dict[str, Any] = field(default_factory=dict)
     train_limit: Optional[int] = None
     candidate_images: Optional[int] = None
-    max_tries: int = 6  # re-validations of an allocation
+    max_tries: int = 10  # re-validations of an allocation (one pass over the validation split each)
     cache_max_bytes: Optional[int] = None  # what ``cache_dir`` may hold (``compression.cache``)
     export: tuple[str, ...] = ()  # "onnx", "torchscript": files written and checked at the end
     # The paper procedure's comparison: a certified width within this fraction of its width, in
@@ -556,9 +556,9 @@ class CompressionPipeline:
                 best = (candidate_net, chosen, saving)
             if within and lost >= 0.8 * budget:
                 break
-            # too much lost: shrink in proportion; too little: grow (the sum over-estimates the loss)
-            level = int(math.floor(level * budget / max(lost, 1.0))) if not within else \
-                min(budget * 4, int(math.ceil(level * budget / max(lost, 1.0))))
+            level = next_budget(level, budget, lost, cost)
+            if level is None:
+                break
         if best is None:
             rank_zero_warn(f"no allocation of widths kept validation accuracy within {budget_points} points; every "
                            "layer keeps its full width")

@@ -72,3 +72,16 @@ def test_an_unmet_budget_keeps_every_layer(residual, tmp_path, monkeypatch):
     report = pipeline(residual, tmp_path).run(["all"], target=Target(max_accuracy_drop=0.5))
     assert all(e["width_after"] == e["width_before"] for e in report["layers"])
     assert report["after"]["macs"] == report["before"]["macs"]
+
+
+def test_the_corrected_budget_always_changes_an_overshooting_choice():
+    from compression.allocation import next_budget
+
+    # ResNet-56's internal widths (a real run): at a budget of 60 images the choice predicted to
+    # lose 21 lost 62, and a proportional step (22 * 60 / 62 = 21) kept choosing the same sets
+    # until the tries ran out; the next budget is now below the prediction.
+    assert next_budget(22, 60, 62.0, 21) == 20
+    assert next_budget(20, 60, 63.0, 18) == 17
+    assert next_budget(60, 60, 160.0, 60) == 22  # far over: the proportional step is the smaller
+    assert next_budget(5, 60, 70.0, 0) is None  # free candidates only, still over: nothing left to try
+    assert next_budget(19, 60, 30.0, 18) == 38 and next_budget(60, 60, 0.0, 60) == 240  # within: grow, at most 4x
