@@ -204,12 +204,12 @@ def test_interrupted_solve_resumes_to_the_same_end(tmp_path, solver):
 
 
 @pytest.mark.slow
-def test_interrupted_compress_run_resumes(tmp_path, fashion_root, checkpoint, monkeypatch):
+def test_interrupted_compress_run_resumes(tmp_path, fashion_root, checkpoint, monkeypatch, shared_cache):
     """compress.py stopped mid-solve says how to resume; --resume ends where an uninterrupted run ends."""
     args = small_compress_args(tmp_path, fashion_root, checkpoint, "--layers", "[last]", "--lambdas", f"[{LAST}]",
                                "--model.solver", "fista", "--checkpoint_every", "5",
                                # 40 steps, not the 10,000 of convergence: 2,000 checkpoints wrote 4.5 GB
-                               "--trainer.max_steps", "40")
+                               "--trainer.max_steps", "40", cache_dir=shared_cache)
     whole = compress(args + ["--trainer.logger.init_args.version", "whole"])
     original = Convergence.on_train_batch_end
 
