@@ -45,7 +45,7 @@ from compression.settings import TrainerSettings
 from datamodules.fashion_mnist import FashionMNISTDataModule
 from models.checkpoints import load_network, network_spec, read_checkpoint, save_network
 from models.dependency import analyse_network
-from models.export import check_onnx, export_onnx, onnx_latency_ms
+from models.export import export_checked_and_timed
 from models.layers import compressible_layers
 from models.profile import count_macs, latencies_in_turns
 
@@ -164,12 +164,8 @@ def finish(rows: list[dict], networks: dict[str, torch.nn.Module], runs: dict, s
     deployed = {"original": networks["original"], "compressed": networks[rows[0]["key"]]}
     for row in rows:
         row["latency_ms_before"], row["latency_ms_after"] = latency["original"], latency[row.pop("key")]
-    files, deployment = {}, {"method": rows[0]["method"], "budget": rows[0]["budget"]}
-    for name, network in deployed.items():
-        files[name] = export_onnx(network, work / f"{name}.onnx", shape)
-        deployment[f"{name}_onnx_max_rel_difference"] = check_onnx(files[name], network, images).max_rel
-    deployment["onnx_latency_ms"] = onnx_latency_ms(files, shape)
-    deployment["torch_latency_ms"] = latencies_in_turns(deployed, shape, (1, 64))
+    deployment = {"method": rows[0]["method"], "budget": rows[0]["budget"],
+                  **export_checked_and_timed(deployed, work, shape, images)}
     return {"rows": rows, "runs": runs, "deployment": deployment}
 
 

@@ -47,16 +47,13 @@ from lightning_modules.lasso import LassoCompression
 from models.checkpoints import save_network
 from models.dependency import NetworkAnalysis, NeuronGroup, analyse_network
 from models.layers import analyse_layer, group_width, resolve_layers
-from models.profile import count_macs, count_parameters, latencies_in_turns, latency_ms, layer_widths, module_macs
+from models.profile import count_macs, count_parameters, latency_ms, layer_widths, module_macs
 from models.registry import NetworkSpec
-from models.export import check_onnx, check_torchscript, export_onnx, export_torchscript, onnx_latency_ms
+from models.export import EXPORTERS, export_checked_and_timed
 from models.surgery import prune_channels, remove_neurons, used_channels, with_weights
 from compression import cache
 
 # format -> (writer, checker, file extension)
-EXPORTERS = {"onnx": (export_onnx, check_onnx, "onnx"), "torchscript": (export_torchscript, check_torchscript, "ts.pt")}
-
-
 @dataclass
 class Solution:
     """A solved layer problem: V (D, K) and how it was obtained."""
@@ -679,19 +676,8 @@ class CompressionPipeline:
         a difference above 1e-4 relative stops the run), and the batch-1 and batch-64 CPU latency
         of the original and compressed networks in ONNX Runtime and in PyTorch, measured in turns."""
         images = torch.stack([self.datamodule.val_set[i][0] for i in range(min(64, len(self.datamodule.val_set)))])
-        shape, out = self.input_shape, {}
-        for fmt in self.export:
-            files = {}
-            for name, net in (("original", original), ("compressed", network)):
-                path = EXPORTERS[fmt][0](net.eval(), self.run_dir / f"{name}.{EXPORTERS[fmt][2]}", shape)
-                difference = EXPORTERS[fmt][1](path, net, images)
-                files[name] = {"file": str(path), "bytes": path.stat().st_size,
-                               "max_abs_difference": difference.max_abs, "max_rel_difference": difference.max_rel}
-            out[fmt] = files
-        if "onnx" in self.export:
-            out["onnx_latency_ms"] = onnx_latency_ms({n: Path(f["file"]) for n, f in out["onnx"].items()}, shape)
-            out["torch_latency_ms"] = latencies_in_turns({"original": original, "compressed": network}, shape, (1, 64))
-        return out
+        return export_checked_and_timed({"original": original, "compressed": network}, self.run_dir,
+                                        self.input_shape, images, self.export)
 
     # --- the whole job -------------------------------------------------------------------------
     def run(self, layers: list[str], lambdas: Optional[list[float]] = None,

@@ -193,3 +193,31 @@ def onnx_latency_ms(files: dict[str, Path], input_shape: Sequence[int], batch_si
                     session.run(None, feeds[name])
                 times[name][b].append((time.perf_counter() - start) * 1000 / repeats)
     return {name: {b: statistics.median(t) for b, t in per_batch.items()} for name, per_batch in times.items()}
+
+
+EXPORTERS = {"onnx": (export_onnx, check_onnx, "onnx"), "torchscript": (export_torchscript, check_torchscript, "ts.pt")}
+
+
+def export_checked_and_timed(networks: dict[str, nn.Module], folder: Path, input_shape: Sequence[int],
+                             images: Tensor, formats: Sequence[str] = ("onnx",)) -> dict[str, Any]:
+    """``<folder>/<name>.<ext>`` for every network (name -> module) and format, each checked
+    against PyTorch on ``images`` (a difference above 1e-4 relative raises
+    ``ExportMismatchError``): ``{format: {name: {file, bytes, max_abs_difference,
+    max_rel_difference}}}``; with ONNX also ``onnx_latency_ms`` and ``torch_latency_ms``, batch 1
+    and 64, every network timed in turns in one process."""
+    from models.profile import latencies_in_turns  # models.profile imports nothing from here
+
+    out: dict[str, Any] = {}
+    for fmt in formats:
+        export, check, ext = EXPORTERS[fmt]
+        files = {}
+        for name, network in networks.items():
+            path = export(network.eval(), Path(folder) / f"{name}.{ext}", input_shape)
+            difference = check(path, network, images)
+            files[name] = {"file": str(path), "bytes": path.stat().st_size,
+                           "max_abs_difference": difference.max_abs, "max_rel_difference": difference.max_rel}
+        out[fmt] = files
+    if "onnx" in formats:
+        out["onnx_latency_ms"] = onnx_latency_ms({n: Path(f["file"]) for n, f in out["onnx"].items()}, input_shape)
+        out["torch_latency_ms"] = latencies_in_turns(networks, input_shape, (1, 64))
+    return out
