@@ -16,7 +16,7 @@ from models.dependency import LayerError, NeuronGroup, analyse_network
 from models.layers import analyse_layer, resolve_layers
 from models.pruned import is_depthwise
 from models.registry import build_model
-from models.surgery import as_weight, remove_neurons, with_weights
+from models.surgery import as_weight, prune_channels, remove_neurons, used_channels, with_weights
 
 
 def randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -133,6 +133,27 @@ def test_coupled_residual_stage_of_a_cifar_resnet():
     assert group.producers == ("layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv2", "layer2.2.conv2")
     assert [c.name for c in group.consumers] == ["layer2.1.conv1", "layer2.2.conv1", "layer3.0.conv1",
                                                    "layer3.0.downsample.0"]
+
+
+@pytest.mark.parametrize("arch, size", [("mobilenet_v2", 32), ("resnet20", 32), ("resnet18", 64)])
+def test_every_group_cut_at_once_equals_the_zeroed_original(arch, size):
+    """What an allocation applies (``CompressionPipeline._apply``): every group's new weights first,
+    then every group's channels removed, in one network where one layer is the consumer of one
+    group and the producer of another (a projection conv feeds the stream and reads the expansion)."""
+    model = randomise_norms(build_model(arch, 10, small_input=True))
+    groups = [g for g in analyse_network(model).groups if g.reason is None]
+    g = torch.Generator().manual_seed(1)
+    weights = {}
+    for group in groups:
+        weights.update(zeroed_weights(model, group, torch.nonzero(torch.rand(group.width, generator=g) < 0.3).flatten()))
+    reference, smaller = with_weights(model, weights), with_weights(model, weights)
+    for group in groups:
+        prune_channels(smaller, group, used_channels(model, group, weights))
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(smaller(x), reference(x), rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in smaller.parameters()) < 0.8 * sum(p.numel() for p in model.parameters())
+    assert len(groups) >= 12
 
 
 class GatedNet(nn.Module):
