@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 import matplotlib
 import torch
@@ -33,11 +34,26 @@ class LightningBanners(logging.Filter):
         return True
 
 
+PROJECT = Path(__file__).resolve().parent.parent
+_default_formatwarning = warnings.formatwarning
+
+
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """The project's own warnings as one line a user reads ("warning: ..."), without the path
+    and source line of the ``rank_zero_warn`` call that Python's default format adds; other
+    libraries' warnings keep that format (their source is what a user would look up)."""
+    path = Path(filename)
+    if path.is_file() and path.resolve().is_relative_to(PROJECT) and ".venv" not in path.parts:
+        return f"warning: {message}\n"
+    return _default_formatwarning(message, category, filename, lineno, line)
+
+
 def configure_process() -> None:
     """Headless figures, flushed subnormal floats, and Lightning's repeated banners once, for the
     whole process."""
     # Figures are only written to files (PNG, TensorBoard): no display on training machines.
     matplotlib.use("Agg")
+    warnings.formatwarning = format_warning
     # Weight decay leaves millions of weights of dead neurons at 1e-30 and below (14 M of the
     # 38 M in AlexNet's classifier.1 after 4 epochs on Fashion-MNIST); their products are
     # subnormal floats, which make CPU matrix products 30 times slower (3.8 s instead of 0.11 s
