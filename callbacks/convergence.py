@@ -20,11 +20,12 @@ class Convergence(pl.Callback):
     nothing and often stops early on slow solvers or never on noisy ones.
     The Trainer's ``max_steps`` is the budget; ``check_every`` steps between checks
     (default: the solver's ``certify_every``). After fitting, ``reason``, ``steps``,
-    ``seconds`` and ``rel_gap`` describe the stop.
+    ``seconds`` and ``rel_gap`` describe the stop. A ``verbose`` solve that runs longer than
+    ``report_seconds`` says where it is, at a check, at most that often (solves have no progress bar).
     """
 
     def __init__(self, tol: float = 1e-4, rule: Literal["duality_gap", "relative_change"] = "duality_gap",
-                 check_every: Optional[int] = None, verbose: bool = True) -> None:
+                 check_every: Optional[int] = None, verbose: bool = True, report_seconds: float = 30.0) -> None:
         if not tol > 0 or (check_every is not None and check_every < 1):
             raise ValueError(f"tol must be > 0 and check_every >= 1 or null (got tol={tol}, check_every={check_every})")
         self.tol, self.rule, self.check_every, self.verbose = tol, rule, check_every, verbose
@@ -35,9 +36,11 @@ class Convergence(pl.Callback):
         self.seconds = 0.0  # solver time, summed over interrupted and resumed parts of the run
         self._previous: Optional[tuple[float, float]] = None
         self._start = 0.0
+        self.report_seconds = report_seconds
+        self._reported = 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        self._start = time.perf_counter()
+        self._start = self._reported = time.perf_counter()
         self.converged, self.reason = False, "running"
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -59,6 +62,13 @@ class Convergence(pl.Callback):
         if done:
             self.converged, self.reason = True, f"converged: {why}"
             trainer.should_stop = True
+        elif self.verbose and time.perf_counter() - self._reported >= self.report_seconds:
+            self._reported = time.perf_counter()
+            gap = (f"relative duality gap {self.rel_gap:.2e}" if self.rule == "duality_gap"
+                   else f"MSE {self._previous[0]:.4g}, penalty {self._previous[1]:.4g}")
+            budget = f"/{trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else ""
+            rank_zero_info(f"[{pl_module.layer}, lambda={pl_module.lam:g}] step {trainer.global_step}{budget}, {gap}, "
+                           f"{self.seconds + self._reported - self._start:.0f} s")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self.steps = trainer.global_step

@@ -203,6 +203,21 @@ def test_interrupted_solve_resumes_to_the_same_end(tmp_path, solver):
     assert objective(stats, resumed.solver.V, lam) == objective(stats, whole.solver.V, lam)
 
 
+def test_a_long_solve_says_where_it_is(caplog):
+    """Solves have no progress bar: one that runs past ``report_seconds`` prints its step, the step
+    budget and the certificate at its checks (here every check), then its end."""
+    stats = _stats()
+    module = LassoCompression(solver="fista").attach(stats, 0.002, torch.zeros(stats.D, stats.K), "test")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=30, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[Convergence(tol=1e-12, check_every=10, report_seconds=0.0)])
+    with caplog.at_level("INFO", logger="pytorch_lightning.utilities.rank_zero"):
+        trainer.fit(module)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[test, lambda=0.002]")]
+    assert [line.split("] ")[1].split(",")[0] for line in lines[:2]] == ["step 10/30", "step 20/30"], lines
+    assert "relative duality gap" in lines[0] and "stopped by the budget" in lines[-1]
+
+
 @pytest.mark.slow
 def test_interrupted_compress_run_resumes(tmp_path, fashion_root, checkpoint, monkeypatch, shared_cache):
     """compress.py stopped mid-solve says how to resume; --resume ends where an uninterrupted run ends."""
