@@ -22,6 +22,9 @@ class ImageDataModule(pl.LightningDataModule, ABC):
         val_fraction: share of the training set held out for validation (seeded).
         train_subset: train on only the first this-many images of the (seeded,
             shuffled) training split; ``None`` uses all of it.
+        val_subset: validate on only the first this-many images of the (seeded)
+            validation split (quick runs: a compression's budgets and floors are then
+            judged on these); ``None`` uses all of it.
         test_subset: evaluate on only the first this-many test images (quick runs);
             ``None`` uses the whole test set.
         seed: seeds the split and the subset, so a config gives the same data twice.
@@ -40,11 +43,12 @@ class ImageDataModule(pl.LightningDataModule, ABC):
         test_subset: Optional[int] = None,
         seed: int = 0,
         preset: str = "alexnet",
+        val_subset: Optional[int] = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        for name, value in (("train_subset", train_subset), ("test_subset", test_subset)):
+        for name, value in (("train_subset", train_subset), ("val_subset", val_subset), ("test_subset", test_subset)):
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be a positive number of images or null, got {value}")
         self.save_hyperparameters()
@@ -63,6 +67,8 @@ class ImageDataModule(pl.LightningDataModule, ABC):
         train_idx, val_idx = perm[n_val:], perm[:n_val]
         if self.hparams.train_subset is not None:
             train_idx = train_idx[: self.hparams.train_subset]
+        if self.hparams.val_subset is not None:
+            val_idx = val_idx[: self.hparams.val_subset]
         return train_idx, val_idx
 
     def setup(self, stage: Optional[str] = None) -> None:

@@ -36,6 +36,11 @@ def test_cifar10_split_is_seeded_and_disjoint(cifar10_checksums):
     c = CIFAR10DataModule(root=cifar10_checksums, seed=2, train_subset=30).split_indices()
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
     assert len(a[0]) == 30 and len(a[1]) == 10 and not set(a[0].tolist()) & set(a[1].tolist())
+    # val_subset: the first images of the same validation split, never training images
+    small = CIFAR10DataModule(root=cifar10_checksums, seed=1, val_subset=4).split_indices()
+    assert torch.equal(small[1], a[1][:4]) and len(small[0]) == 90
+    with pytest.raises(ValueError, match="val_subset must be a positive number"):
+        CIFAR10DataModule(root=cifar10_checksums, val_subset=0)
 
 
 def test_cifar10_missing_data_says_how_to_fix(tmp_path):
