@@ -35,7 +35,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import Tensor, nn
 
 from callbacks.convergence import Convergence
-from compression.allocation import Option, choose, next_budget
+from compression.allocation import Option, by_efficiency, choose, longest_prefix, next_budget
 from compression.baselines import IMPORTANCES, equal_width_weights, torch_pruning_available, torch_pruning_network
 from compression.finetune import FinetuneSettings, finetune
 from compression.layer_problem import LayerProblem
@@ -482,7 +482,9 @@ class CompressionPipeline:
         (all statistics in one pass per head), each judged alone on the validation split; the
         knapsack choice of widths; the chosen set applied at once and re-validated on the whole
         network, the budget corrected (at most ``max_tries`` times) until the real loss is
-        within it. Returns the network, the report entries and the allocation's record."""
+        within it; when the first choice overshot, also the longest best-buy-first prefix of it
+        that holds (bisection). The choice that saves most within the budget is kept. Returns the
+        network, the report entries and the allocation's record."""
         budget_points = plans[0].value
         analysis = analysis or analyse_network(network)
         groups = [analysis.group_of(plan.module) for plan in plans]
@@ -536,26 +538,49 @@ class CompressionPipeline:
         tried: set[int] = set()
         level = budget
         passes = passes_for([c.name for group in groups for c in group.consumers])
-        for _ in range(self.max_tries):
-            if level in tried:
-                break
-            tried.add(level)
-            chosen, saving, cost = choose(options, level)
+
+        def attempt(chosen: list[Optional[int]], saving: float, cost: int, **about: Any) -> float:
+            """Apply ``chosen``, re-validate it on the whole network, record it, keep it if it is the best
+            within the budget; the validation images it loses."""
+            nonlocal best
             candidate_net = self._apply(network, groups, problems, found_by_group, chosen)
             accuracy = passes.evaluate(candidate_net, "val")[0].accuracy
             lost = (reference["val_accuracy"] - accuracy) * n_val
             within = lost <= budget + 1e-9
-            record["tries"].append({"budget_images": level, "predicted_images_lost": cost, "macs_saved_predicted": saving,
+            record["tries"].append({**about, "predicted_images_lost": cost, "macs_saved_predicted": saving,
                                     "val_accuracy": accuracy, "images_lost": lost, "within_budget": within,
                                     "widths": [problems[i].groups if k is None else found_by_group[i][k].width
                                                for i, k in enumerate(chosen)]})
             if within and (best is None or saving > best[2]):
                 best = (candidate_net, chosen, saving)
-            if within and lost >= 0.8 * budget:
+            return lost
+
+        first: Optional[list[Optional[int]]] = None  # the choice at the real budget
+        for _ in range(self.max_tries):
+            if level in tried:
+                break
+            tried.add(level)
+            chosen, saving, cost = choose(options, level)
+            first = chosen if first is None else first
+            lost = attempt(chosen, saving, cost, budget_images=level)
+            if budget * 0.8 <= lost <= budget + 1e-9:
                 break
             level = next_budget(level, budget, lost, cost)
             if level is None:
                 break
+        if first is not None and not record["tries"][0]["within_budget"]:
+            # The cuts interact more than their sum says: the longest best-buy-first prefix of the
+            # first choice that holds (``allocation.longest_prefix``).
+            order = by_efficiency(options, first)
+            option_of = {(g, o.index): o for g, group_options in enumerate(options) for o in group_options}
+
+            def holds(m: int) -> bool:
+                chosen = [first[g] if g in order[:m] else None for g in range(len(first))]
+                picked = [option_of[g, first[g]] for g in order[:m]]
+                return attempt(chosen, sum(o.saving for o in picked), sum(o.cost for o in picked),
+                               prefix=f"{m} of {len(order)} best-buy cuts of the first choice") <= budget + 1e-9
+
+            longest_prefix(len(order), holds)
         if best is None:
             rank_zero_warn(f"no allocation of widths kept validation accuracy within {budget_points} points; every "
                            "layer keeps its full width")

@@ -124,9 +124,11 @@ def format_allocation(allocation: dict[str, Any]) -> list[str]:
              f"images, shared by multiply-adds saved per image lost (knapsack, then re-validated):",
              f"{'budget':>8s}{'predicted':>11s}{'lost':>8s}{'val acc':>10s}{'MACs saved (pred.)':>20s}  within"]
     for t in allocation["tries"]:
-        lines.append(f"{t['budget_images']:8d}{t['predicted_images_lost']:11d}{t['images_lost']:8.0f}"
+        # a knapsack try names its budget; a bisection over the first choice, its prefix
+        what = f"{t['budget_images']:8d}" if "budget_images" in t else f"{'prefix':>8s}"
+        lines.append(f"{what}{t['predicted_images_lost']:11d}{t['images_lost']:8.0f}"
                      f"{100 * t['val_accuracy']:9.2f}%{t['macs_saved_predicted']:20,.0f}  "
-                     f"{'yes' if t['within_budget'] else 'no'}")
+                     f"{'yes' if t['within_budget'] else 'no'}{'  ' + t['prefix'] if 'prefix' in t else ''}")
     return lines
 
 

@@ -85,3 +85,17 @@ def test_the_corrected_budget_always_changes_an_overshooting_choice():
     assert next_budget(60, 60, 160.0, 60) == 22  # far over: the proportional step is the smaller
     assert next_budget(5, 60, 70.0, 0) is None  # free candidates only, still over: nothing left to try
     assert next_budget(19, 60, 30.0, 18) == 38 and next_budget(60, 60, 0.0, 60) == 240  # within: grow, at most 4x
+
+
+def test_the_longest_prefix_that_holds_is_found_by_bisection():
+    from compression.allocation import Option, by_efficiency, longest_prefix
+
+    options = [[Option(3, 30.0, 0)], [Option(0, 5.0, 0), Option(2, 50.0, 1)], [Option(0, 9.0, 0)], [Option(1, 40.0, 0)]]
+    # free first (by saving), then by multiply-adds per image: 40/1 before 50/2 before 30/3
+    assert by_efficiency(options, [0, 1, 0, 0]) == [2, 3, 1, 0]
+    assert by_efficiency(options, [None, 0, 0, None]) == [2, 1]
+    for count in range(0, 9):
+        for answer in range(count + 1):
+            asked = []
+            found = longest_prefix(count, lambda m: asked.append(m) or m <= answer)
+            assert found == answer and 0 not in asked and len(asked) <= max(1, count.bit_length())
