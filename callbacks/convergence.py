@@ -74,11 +74,14 @@ class Convergence(pl.Callback):
         self.steps = trainer.global_step
         self.seconds += time.perf_counter() - self._start
         self.rel_gap = pl_module.certificate().rel_gap
-        if not self.converged:
+        if not self.converged and trainer.max_steps > 0 and self.steps >= trainer.max_steps:
             self.reason = (
                 f"stopped by the budget (trainer.max_steps={trainer.max_steps}) with relative duality gap "
                 f"{self.rel_gap:.2e} > tol {self.tol:.0e}: raise max_steps or tol"
             )
+        elif not self.converged:  # Lightning's max_time (a search's time limit)
+            self.reason = (f"stopped by the time limit after {self.steps} steps, uncertified: relative duality gap "
+                           f"{self.rel_gap:.2e} > tol {self.tol:.0e}")
         if self.verbose:
             rank_zero_info(f"[{pl_module.layer}, lambda={pl_module.lam:g}] {self.reason} after {self.steps} steps "
                            f"({self.seconds:.1f} s)")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import shutil
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -254,9 +255,11 @@ class CompressionPipeline:
 
     # --- solving ----------------------------------------------------------------------------
     def solve(self, stats: LassoStats, lam: float, W: Tensor, layer: str, tag: str, V0: Optional[Tensor] = None,
-              quiet: bool = False, **module_overrides: Any) -> Solution:
+              quiet: bool = False, seconds: Optional[float] = None, **module_overrides: Any) -> Solution:
         """One multi-task lasso solve with a fresh Trainer; resumes from ``<run_dir>/solve/<tag>``
-        when an earlier, interrupted run left a checkpoint there, and returns a finished one's result."""
+        when an earlier, interrupted run left a checkpoint there, and returns a finished one's result.
+        ``seconds``: stop after that long (Lightning's ``max_time``, checked after every step); a
+        solve stopped so is returned but not kept as finished (a resumed run solves it again)."""
         fit_dir = self.run_dir / "solve" / tag
         done = fit_dir / "solution.pt"
         if done.is_file():
@@ -277,13 +280,18 @@ class CompressionPipeline:
             logger=TensorBoardLogger(self.run_dir, name="solve", version=tag, default_hp_metric=False)
             if self.is_global_zero else False,
             log_every_n_steps=1,  # the module decides how often to log (its log_every)
+            **({} if seconds is None else {"max_time": timedelta(seconds=seconds)}),
         )
         last = fit_dir / "checkpoints" / "last.ckpt"
         trainer.fit(module, ckpt_path=str(last) if last.is_file() else None)
         solution = Solution(V=module.solver.V.detach().cpu().clone(), lam=lam, rel_gap=convergence.rel_gap,
                             steps=convergence.steps, seconds=convergence.seconds, reason=convergence.reason)
+        timed_out = seconds is not None and not convergence.converged and trainer.global_step < self.trainer.max_steps
         if self.is_global_zero:
-            solution.save(done)
+            if timed_out:
+                solution.reason = f"stopped by the time limit ({seconds:.0f} s) after {solution.steps} steps"
+            else:
+                solution.save(done)
             shutil.rmtree(fit_dir / "checkpoints", ignore_errors=True)  # only an unfinished solve needs them
         return solution
 
@@ -445,9 +453,9 @@ class CompressionPipeline:
 
     def _searcher(self, problem: LayerProblem, plan: LayerPlan, evaluate: Optional[Callable[[Tensor], float]],
                   **module_overrides: Any) -> LambdaSearch:
-        def solve(lam: float, V0: Optional[Tensor]) -> tuple[Tensor, float]:
+        def solve(lam: float, V0: Optional[Tensor], seconds: Optional[float]) -> tuple[Tensor, float]:
             solution = self.solve(problem.stats, lam, problem.W, plan.layer, tag=f"{plan.layer}-search-lam{lam:.9g}",
-                                  V0=V0, quiet=True, **module_overrides)
+                                  V0=V0, quiet=True, seconds=seconds, **module_overrides)
             return solution.V, solution.rel_gap
 
         return LambdaSearch(solve, lambda_max(problem.stats), evaluate, group=problem.group,

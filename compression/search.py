@@ -57,7 +57,9 @@ class LambdaSearch:
     """Searches one layer's lambda.
 
     Args:
-        solve: ``solve(lam, V0) -> (V, rel_gap)``, a certified solve warm-started from V0.
+        solve: ``solve(lam, V0, seconds) -> (V, rel_gap)``, a certified solve warm-started from V0,
+            stopped after ``seconds`` (None: no limit; a solve stopped so has a gap above the
+            tolerance, and the search does not count it as certified).
         lam_max: the layer's lambda_max (V = 0 from there up).
         evaluate: validation accuracy of the network with the layer's weight V (accuracy targets).
         on_candidate: called with every candidate (logging).
@@ -65,19 +67,23 @@ class LambdaSearch:
         min_ratio: the path stops at ``min_ratio * lam_max``.
     """
 
-    def __init__(self, solve: Callable[[float, Optional[Tensor]], tuple[Tensor, float]], lam_max: float,
+    def __init__(self, solve: Callable[[float, Optional[Tensor], Optional[float]], tuple[Tensor, float]], lam_max: float,
                  evaluate: Optional[Callable[[Tensor], float]] = None,
                  on_candidate: Optional[Callable[[Candidate], None]] = None, min_ratio: float = 1e-6,
                  group: int = 1) -> None:
         self._solve, self.lam_max, self._evaluate, self.group = solve, lam_max, evaluate, group
         self._on_candidate, self.min_ratio = on_candidate, min_ratio
         self.candidates: list[Candidate] = []
+        self.deadline: Optional[float] = None  # time.perf_counter() after which a solve is stopped
 
     def candidate(self, lam: float, start: Optional[Candidate] = None) -> Candidate:
         began = time.perf_counter()
-        V, rel_gap = self._solve(lam, None if start is None else start.V)
+        seconds = None if self.deadline is None else max(1.0, self.deadline - began)
+        V, rel_gap = self._solve(lam, None if start is None else start.V, seconds)
         found = Candidate(lam=lam, ratio=lam / self.lam_max, width=len(active_groups(V, self.group)), rel_gap=rel_gap,
                           seconds=time.perf_counter() - began, V=V)
+        if seconds is not None and time.perf_counter() >= self.deadline:
+            found.resolved = f"stopped by the time limit at a relative gap of {rel_gap:.1e} (not certified)"
         if self._evaluate is not None:
             found.val_accuracy = self._evaluate(V)
         self.candidates.append(found)
@@ -116,22 +122,29 @@ class LambdaSearch:
         (see the module doc). The bracket is found from the sparse end with steps that grow
         (lam_max / 2, / 8, / 128, ...: a few solves even for k near the dense end), each
         warm-started from the previous, sparser solution, then bisected geometrically.
-        ``seconds``: stop searching after that long and return the candidate nearest to k, its
-        ``resolved`` saying so (None: no limit)."""
+        ``seconds``: stop searching after that long, the solve under way included, and return
+        the certified candidate nearest to k, its ``resolved`` saying so (None: no limit)."""
         began = time.perf_counter()
+        self.deadline = None if seconds is None else began + seconds
+        try:
+            return self._bracket_width(k, tolerance, began, seconds)
+        finally:
+            self.deadline = None
+
+    def _bracket_width(self, k: int, tolerance: float, began: float, seconds: Optional[float]) -> Candidate:
         close = lambda c: abs(c.width - k) <= tolerance * k  # noqa: E731
-        out_of_time = lambda: seconds is not None and time.perf_counter() - began > seconds  # noqa: E731
+        out_of_time = lambda: seconds is not None and time.perf_counter() - began >= seconds  # noqa: E731
         above: Optional[Candidate] = None  # sparser than k
         below: Optional[Candidate] = None  # at least k groups
         step, lam = 2.0, self.lam_max / 2
         while lam >= self.min_ratio * self.lam_max:
             current = self.candidate(lam, above)
+            if out_of_time():  # a solve stopped by the limit is not certified: never the answer itself
+                return self._nearest(k, began, seconds)
             if current.width >= k or close(current):
                 below = current
                 break
             above = current
-            if out_of_time():
-                return self._nearest(k, began, seconds)
             step = step * step if step < 2 ** 16 else step
             lam = max(lam / step, self.min_ratio * self.lam_max) if lam > self.min_ratio * self.lam_max else lam / 2
         if below is None:
@@ -144,9 +157,9 @@ class LambdaSearch:
                 V = keep_groups(below.V, torch.topk(group_norms(below.V, self.group), k).indices, self.group)
                 return Candidate(lam=below.lam, ratio=below.ratio, width=k, rel_gap=math.nan, seconds=0.0,
                                  resolved=f"truncated from {below.width}", V=V)
+            middle = self.candidate(math.sqrt(hi_lam * below.lam), above)
             if out_of_time():
                 return self._nearest(k, began, seconds)
-            middle = self.candidate(math.sqrt(hi_lam * below.lam), above)
             if middle.width >= k or close(middle):
                 below = middle
             else:
@@ -155,9 +168,12 @@ class LambdaSearch:
 
     def _nearest(self, k: int, began: float, seconds: float) -> Candidate:
         """The certified candidate nearest to width k, marked as the end of a search out of time."""
-        best = min(self.candidates, key=lambda c: (abs(c.width - k), -c.width))
+        certified = [c for c in self.candidates if c.resolved == "solved"] or self.candidates
+        best = min(certified, key=lambda c: (abs(c.width - k), -c.width))
+        stopped = len(self.candidates) - len([c for c in self.candidates if c.resolved == "solved"])
         best.resolved = (f"time limit: width {best.width} (asked {k}) after {len(self.candidates)} solves in "
-                         f"{time.perf_counter() - began:.0f} s (limit {seconds:g} s)")
+                         f"{time.perf_counter() - began:.0f} s (limit {seconds:g} s"
+                         + (f"; {stopped} solve stopped by it, uncertified, not used)" if stopped else ")"))
         return best
 
     def at_accuracy(self, floor: float, refine: int = 5) -> Optional[Candidate]:

@@ -22,7 +22,7 @@ from lightning_modules.network_pass import run_pass
 from models.checkpoints import load_network
 from models.layers import LayerError
 from models.profile import count_parameters, layer_widths
-from tests.helpers import REPO, small_compress_args
+from tests.helpers import REPO, VAL_SUBSET, small_compress_args
 
 # Small fractions of the briefly trained test network's lambda_max (0.016 for pen, 5.6 for
 # last), like the demo's (alexnet_fashion_compress.yaml): a few dozen neurons stay per layer.
@@ -101,7 +101,8 @@ def test_shipped_paper_config_meets_its_accuracy_target_on_the_real_network(tmp_
     report = compress([
         "--config", "alexnet_fashion_last", "--checkpoint", checkpoint,
         "--data.init_args.root", fashion_root, "--data.init_args.train_subset", "2048",
-        "--data.init_args.test_subset", "1000", "--data.init_args.num_workers", "0",
+        "--data.init_args.val_subset", str(VAL_SUBSET), "--data.init_args.test_subset", "1000",
+        "--data.init_args.num_workers", "0",
         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--cache_dir", str(shared_cache),
     ])
@@ -113,7 +114,7 @@ def test_shipped_paper_config_meets_its_accuracy_target_on_the_real_network(tmp_
     assert all(c["rel_gap"] <= 1e-4 for c in entry["candidates"])
     assert entry["width_after"] == min(c["width"] for c in meeting) < entry["width_before"]
     # The saved network's validation accuracy, measured apart from the search and its caches.
-    dm = FashionMNISTDataModule(root=fashion_root, batch_size=500, num_workers=0)
+    dm = FashionMNISTDataModule(root=fashion_root, batch_size=500, num_workers=0, val_subset=VAL_SUBSET)
     dm.setup("fit")
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=False)
     measured = run_pass(trainer, load_network(report["network"]), dm.val_dataloader()).accuracy

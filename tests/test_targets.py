@@ -99,6 +99,51 @@ def test_paper_procedure_runs_above_lambda_max_with_a_warning_and_the_certified_
     assert twin["width"] == entry["width_after"] and twin["lambda"] < top and twin["rel_gap"] <= 1e-6
 
 
+def test_a_width_search_under_a_time_limit_stops_the_solve_under_way_and_returns_the_nearest_certified(monkeypatch):
+    """Each solve takes 10 (simulated) seconds and widens as lambda falls; a 25-second limit stops the
+    third solve after the 5 seconds left, and the answer is the nearest *certified* candidate."""
+    import compression.search as search
+
+    clock = [0.0]
+    monkeypatch.setattr(search.time, "perf_counter", lambda: clock[0])
+    given = []
+
+    def solve(lam, V0, seconds):
+        given.append(seconds)
+        width = min(40, int(round(0.2 / lam)))  # lambda_max 1: widths 0, 2, 3, ... as lambda falls
+        clock[0] += 10.0 if seconds is None or seconds >= 10 else seconds
+        V = torch.zeros(3, 40)
+        V[:, :width] = 1.0
+        return V, (1e-7 if seconds is None or seconds >= 10 else 0.5)
+
+    lam_search = search.LambdaSearch(solve, 1.0)
+    found = lam_search.at_width(30, seconds=25)
+    assert given == [25, 15, 5]
+    assert [c.width for c in lam_search.candidates] == [0, 2, 26] and lam_search.candidates[2].rel_gap == 0.5
+    assert "not certified" in lam_search.candidates[2].resolved
+    assert found.width == 2 and found.rel_gap == 1e-7
+    assert found.resolved.startswith("time limit: width 2 (asked 30) after 3 solves") and "1 solve stopped" in found.resolved
+    assert lam_search.deadline is None
+    # without a limit the same search reaches 30 exactly, every solve unlimited
+    given.clear()
+    exact = search.LambdaSearch(solve, 1.0).at_width(30)
+    assert exact.width == 30 and set(given) == {None}
+
+
+def test_a_solve_stopped_by_its_time_limit_is_not_kept_as_finished(toy, tmp_path):
+    from grouplasso import LassoStats
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.relu(torch.randn(400, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 300, generator=g,
+                                                                                       dtype=torch.float64))
+    stats = LassoStats.from_features(X, X @ torch.randn(300, 20, generator=g, dtype=torch.float64) / 300)
+    runner = pipeline(toy, tmp_path, make_convergence=partial(Convergence, tol=1e-14, verbose=False),
+                      trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False, max_steps=10 ** 7))
+    solution = runner.solve(stats, 1e-6, torch.zeros(20, 300), "x", tag="timed", seconds=1.0, solver="fista")
+    assert solution.reason.startswith("stopped by the time limit (1 s)") and solution.rel_gap > 1e-14
+    assert not (tmp_path / "solve" / "timed" / "solution.pt").exists()  # a resumed run solves it again
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"target": Target(width=[41])}, r"width 41 for '4' is not possible: it has 40 input neurons; choose 1 to 40"),
     ({"target": Target(width=[0])}, r"width 0 for '4' is not possible"),
