@@ -547,9 +547,9 @@ class CompressionPipeline:
         level = budget
         passes = passes_for([c.name for group in groups for c in group.consumers])
 
-        def attempt(chosen: list[Optional[int]], saving: float, cost: int, **about: Any) -> float:
+        def attempt(chosen: list[Optional[int]], saving: float, cost: int, **about: Any) -> tuple[float, bool]:
             """Apply ``chosen``, re-validate it on the whole network, record it, keep it if it is the best
-            within the budget; the validation images it loses."""
+            within the budget; the validation images it loses, and whether that is within the budget."""
             nonlocal best
             candidate_net = self._apply(network, groups, problems, found_by_group, chosen)
             accuracy = passes.evaluate(candidate_net, "val")[0].accuracy
@@ -561,7 +561,7 @@ class CompressionPipeline:
                                                for i, k in enumerate(chosen)]})
             if within and (best is None or saving > best[2]):
                 best = (candidate_net, chosen, saving)
-            return lost
+            return lost, within
 
         first: Optional[list[Optional[int]]] = None  # the choice at the real budget
         for _ in range(self.max_tries):
@@ -570,8 +570,8 @@ class CompressionPipeline:
             tried.add(level)
             chosen, saving, cost = choose(options, level)
             first = chosen if first is None else first
-            lost = attempt(chosen, saving, cost, budget_images=level)
-            if budget * 0.8 <= lost <= budget + 1e-9:
+            lost, within = attempt(chosen, saving, cost, budget_images=level)
+            if within and lost >= 0.8 * budget:
                 break
             level = next_budget(level, budget, lost, cost)
             if level is None:
@@ -586,7 +586,7 @@ class CompressionPipeline:
                 chosen = [first[g] if g in order[:m] else None for g in range(len(first))]
                 picked = [option_of[g, first[g]] for g in order[:m]]
                 return attempt(chosen, sum(o.saving for o in picked), sum(o.cost for o in picked),
-                               prefix=f"{m} of {len(order)} best-buy cuts of the first choice") <= budget + 1e-9
+                               prefix=f"{m} of {len(order)} best-buy cuts of the first choice")[1]
 
             longest_prefix(len(order), holds)
         if best is None:
