@@ -31,6 +31,7 @@ class Convergence(pl.Callback):
         self.tol, self.rule, self.check_every, self.verbose = tol, rule, check_every, verbose
         self.reason = "not started"
         self.converged = False
+        self.stopped_by_time = False
         self.rel_gap = math.nan
         self.steps = 0
         self.seconds = 0.0  # solver time, summed over interrupted and resumed parts of the run
@@ -41,7 +42,7 @@ class Convergence(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self._start = self._reported = time.perf_counter()
-        self.converged, self.reason = False, "running"
+        self.converged, self.stopped_by_time, self.reason = False, False, "running"
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = self.check_every or pl_module.solver.certify_every
@@ -80,6 +81,7 @@ class Convergence(pl.Callback):
                 f"{self.rel_gap:.2e} > tol {self.tol:.0e}: raise max_steps or tol"
             )
         elif not self.converged:  # Lightning's max_time (a search's time limit)
+            self.stopped_by_time = True
             self.reason = (f"stopped by the time limit after {self.steps} steps, uncertified: relative duality gap "
                            f"{self.rel_gap:.2e} > tol {self.tol:.0e}")
         if self.verbose:

@@ -142,6 +142,12 @@ def test_a_solve_stopped_by_its_time_limit_is_not_kept_as_finished(toy, tmp_path
     solution = runner.solve(stats, 1e-6, torch.zeros(20, 300), "x", tag="timed", seconds=1.0, solver="fista")
     assert solution.reason.startswith("stopped by the time limit (1 s)") and solution.rel_gap > 1e-14
     assert not (tmp_path / "solve" / "timed" / "solution.pt").exists()  # a resumed run solves it again
+    # stopped by its step budget instead: that is the configured solve, finished and kept
+    budgeted = pipeline(toy, tmp_path, make_convergence=partial(Convergence, tol=1e-14, verbose=False),
+                        trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False, max_steps=3))
+    solution = budgeted.solve(stats, 1e-6, torch.zeros(20, 300), "x", tag="budget", seconds=60.0, solver="fista")
+    assert solution.steps == 3 and solution.reason.startswith("stopped by the budget")
+    assert (tmp_path / "solve" / "budget" / "solution.pt").is_file()
 
 
 @pytest.mark.parametrize("kwargs, message", [
