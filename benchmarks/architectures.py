@@ -30,7 +30,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -52,6 +52,7 @@ from models.profile import count_macs, latencies_in_turns
 TRAINER = TrainerSettings(accelerator="cpu", enable_progress_bar=False)
 CHECKPOINTS = {"resnet56": "runs/resnet56_fashion/trained/checkpoints/best.ckpt",
                "mobilenet_v2": "runs/mobilenet_v2_fashion/trained/checkpoints/best.ckpt"}
+Describe = Callable[[torch.nn.Module, tuple], dict[str, Any]]
 
 
 def lasso_run(args: argparse.Namespace, work: Path, name: str, *extra: str) -> tuple[dict, float]:
@@ -80,7 +81,10 @@ def internal_layers(checkpoint: str) -> list[str]:
     return [layer for layer in compressible_layers(analysis) if not analysis.reads[layer].coupled]
 
 
-def main_runs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def main_runs(args: argparse.Namespace, work: Path, describe: Optional[Describe] = None) -> dict[str, Any]:
+    """The runs of the module doc for ``args.network``; ``describe(network, input shape)``, when
+    given, adds fields to every row: ``<field>_before`` of the original, ``<field>_after`` of
+    the row's network (a transformer's encoder multiply-adds, say)."""
     _, info = read_checkpoint(args.checkpoint)
     spec = network_spec(info)
     hparams = info.get("hparams") or {}
@@ -93,6 +97,7 @@ def main_runs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     trainer = {**TRAINER.distributed(), "enable_progress_bar": False}
     original = load_network(args.checkpoint)
     before = {"macs": count_macs(original, shape), "test_accuracy": passes.evaluate(original, "test")[0].accuracy}
+    described = {f"{k}_before": v for k, v in describe(original, shape).items()} if describe else {}
     rows, networks, runs = [], {"original": original}, {}
 
     def add(method: str, epochs: int, network: torch.nn.Module, widths: dict[str, int], budget: Optional[float],
@@ -105,6 +110,8 @@ def main_runs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                      "test_accuracy_before": before["test_accuracy"],
                      "test_accuracy_after": passes.evaluate(network, "test")[0].accuracy, "key": key, **extra})
         r = rows[-1]
+        if describe:
+            r.update(described, **{f"{k}_after": v for k, v in describe(network, shape).items()})
         print(f"{args.network} {method:34s} budget {budget} {epochs} ep: test {100 * r['test_accuracy_after']:.2f}% "
               f"({100 * (r['test_accuracy_after'] - r['test_accuracy_before']):+.2f}) MACs 1/"
               f"{r['macs_before'] / r['macs_after']:.2f}", flush=True)

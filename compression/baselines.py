@@ -32,7 +32,11 @@ ones), the selection does not; the lasso accounts for them in both.
 
 ``torch_pruning_network`` is an external baseline: Torch-Pruning (``pip install -e .[bench]``)
 removes the producer's output units (rows of a Linear, channels of a Conv2d, with the
-BatchNorm in between) of lowest group importance. In Torch-Pruning 1.6.0
+BatchNorm in between) of lowest group importance. Attention heads are removed whole, as
+Torch-Pruning's pruners do with ``prune_num_heads=True``: the importance of the ``head_dim``
+units of a head (its rows of q, k and v and columns of the output projection, one group in
+Torch-Pruning's graph) is averaged into the head's score, and the attention's ``num_heads`` is
+set to the heads kept afterwards, as its examples do for timm's and Hugging Face's attention. In Torch-Pruning 1.6.0
 ``GroupMagnitudeImportance()`` (p = 2, group_reduction "mean", normalizer "mean", bias off)
 scores unit j by the mean, over the group's parameterised layers, of their squared L2 norms
 on j: ||producer.weight[j]||^2 (a conv's whole filter), the BatchNorm's gamma_j^2 (when
@@ -57,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from grouplasso import LassoStats, active_columns, active_groups, debias, group_norms, keep_groups
+from models.attention import HeadAttention
 from models.dependency import NeuronGroup
 from models.layers import analyse_layer
 from models.pruned import IndexedLinear
@@ -236,10 +241,12 @@ def torch_pruning_network(
             f"the group of {first.name!r} has an IndexedLinear (an already compressed layer), which Torch-Pruning "
             "does not know how to prune: run the baseline on the uncompressed network"
         )
-    K = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+    units = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+    K = units // group.units  # channels (neurons, or attention heads of group.units rows each)
     k = _width(k)
     if not 1 <= k <= K:
-        raise ValueError(f"k = {k!r} neurons: must be an integer in 1..{K} ({producer_name!r} has {K} output units)")
+        raise ValueError(f"k = {k!r} neurons: must be an integer in 1..{K} ({producer_name!r} has {K} "
+                         f"{'heads' if group.units > 1 else 'output units'})")
     allowed = {id(modules[name]) for name in group.modules}
     others = {name: _signature(m) for name, m in pruned.named_modules() if id(m) not in allowed}
 
@@ -261,18 +268,23 @@ def torch_pruning_network(
                 if not seen:
                     raise ValueError("loss_batches is empty: Taylor importance needs at least one batch")
         fn = tp.prune_linear_out_channels if isinstance(producer, nn.Linear) else tp.prune_conv_out_channels
-        tp_group = graph.get_pruning_group(producer, fn, idxs=list(range(K)))
+        tp_group = graph.get_pruning_group(producer, fn, idxs=list(range(units)))
         _check_group(tp_group, allowed, pruned, group)
         scorer = (tp.importance.GroupMagnitudeImportance() if importance == "magnitude"
                   else tp.importance.GroupTaylorImportance())
         scores = scorer(tp_group)
-        if scores is None or scores.shape != (K,):
-            raise RuntimeError(f"Torch-Pruning returned no importance for the {K} units of {producer_name!r}")
-        drop = sorted(set(range(K)) - set(top_groups(scores.detach().double().cpu(), k).tolist()))
+        if scores is None or scores.shape != (units,):
+            raise RuntimeError(f"Torch-Pruning returned no importance for the {units} units of {producer_name!r}")
+        scores = scores.detach().double().cpu().reshape(K, group.units).mean(dim=1)  # a head's: its units' mean
+        drop = sorted(set(range(K)) - set(top_groups(scores, k).tolist()))
         if drop:
-            prune_group = graph.get_pruning_group(producer, fn, idxs=drop)
+            rows = [c * group.units + u for c in drop for u in range(group.units)]
+            prune_group = graph.get_pruning_group(producer, fn, idxs=rows)
             _check_group(prune_group, allowed, pruned, group)
             prune_group.prune()
+            for name in group.channel_ops:  # Torch-Pruning leaves an attention's head count to its user
+                if isinstance(modules[name], HeadAttention):
+                    modules[name].num_heads = k
     finally:
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)

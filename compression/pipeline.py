@@ -134,7 +134,8 @@ def describe_plan(analysis: NetworkAnalysis, plans: list[LayerPlan], target: Tar
     for plan in plans:
         group = analysis.group_of(plan.module)
         readers = [c.name for c in group.consumers]
-        what = f"{group.width} channels read by {', '.join(readers[:4])}" + \
+        unit = "channels" if group.units == 1 else f"attention heads of {group.units} features"
+        what = f"{group.width} {unit} read by {', '.join(readers[:4])}" + \
                (f" and {len(readers) - 4} more" if len(readers) > 4 else "") + \
                (f", made by {len(group.producers)} layers (coupled)" if group.coupled else "")
         amount = "" if plan.how == "accuracy" else " " + how[plan.how].format(plan.value)
@@ -286,10 +287,10 @@ class CompressionPipeline:
         trainer.fit(module, ckpt_path=str(last) if last.is_file() else None)
         solution = Solution(V=module.solver.V.detach().cpu().clone(), lam=lam, rel_gap=convergence.rel_gap,
                             steps=convergence.steps, seconds=convergence.seconds, reason=convergence.reason)
-        timed_out = seconds is not None and not convergence.converged and trainer.global_step < self.trainer.max_steps
         if self.is_global_zero:
-            if timed_out:
-                solution.reason = f"stopped by the time limit ({seconds:.0f} s) after {solution.steps} steps"
+            if convergence.stopped_by_time:
+                limit = "" if seconds is None else f" ({seconds:.0f} s)"  # else the trainer's own max_time
+                solution.reason = f"stopped by the time limit{limit} after {solution.steps} steps"
             else:
                 solution.save(done)
             shutil.rmtree(fit_dir / "checkpoints", ignore_errors=True)  # only an unfinished solve needs them

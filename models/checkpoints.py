@@ -8,8 +8,9 @@ Accepted on reading:
 - the paper authors' VGG-19 checkpoints: a dict whose ``"net"`` holds the state dict;
 - any of these with DataParallel's ``module.`` prefix.
 Compressed networks have smaller layers than ``build_model`` makes; ``load_network``
-resizes every Linear/Conv2d/BatchNorm2d to the shapes in the state dict, so a
-compressed network loads and runs without the original.
+resizes every Linear/Conv2d/BatchNorm2d (and an attention's number of heads) to the shapes
+in the state dict, so a compressed network loads and runs without the original. Every
+``nn.MultiheadAttention`` is loaded as the equal ``models.attention.HeadAttention``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from models.attention import HeadAttention, separate_attention
 from models.pruned import IndexedLinear, is_depthwise, resized_conv
 from models.registry import SHORT_NAMES, Arch, NetworkSpec
 from models.surgery import replace_module
@@ -151,8 +153,13 @@ def network_from_state(state: dict[str, Tensor], spec: NetworkSpec, source: str 
     holds a NaN or an infinity), in eval mode."""
     check_finite(state, source)
     model = spec.build()
+    # attention saved with separate projections (any network this project compressed) is
+    # separated before loading; one saved packed (as trained) after
+    separate_attention(model, only={n for n, m in model.named_modules()
+                                    if isinstance(m, nn.MultiheadAttention) and f"{n}.q_proj.weight" in state})
     resize_to_state_dict(model, state)
     load_state_dict_strict(model, state, source=source)
+    separate_attention(model)
     return model.eval()
 
 
@@ -189,7 +196,11 @@ def resize_to_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Replace the layers whose checkpoint shapes differ (compressed networks) by fresh layers
     of those shapes: Linear (``IndexedLinear`` where the checkpoint has an ``index`` buffer),
     Conv2d (a depthwise one stays depthwise), BatchNorm, PReLU. Layers the checkpoint lacks
-    are left alone."""
+    are left alone; an attention module gets the number of heads of its q projection."""
+    for name, module in list(model.named_modules()):
+        q = state.get(f"{name}.q_proj.weight")
+        if isinstance(module, HeadAttention) and q is not None:
+            module.num_heads = q.shape[0] // module.head_dim
     for name, module in list(model.named_modules()):
         weight = state.get(f"{name}.weight")
         if isinstance(module, nn.Linear) and weight is not None \

@@ -15,6 +15,10 @@ channel c is tied to channel c of another tensor share one ``NeuronGroup``:
 - an **addition** (a residual connection) or a **product** of two tracked tensors (the
   squeeze-excitation scale, a gated unit) ties its operands: their groups become one, with
   several producers (``coupled_by`` names the nodes that tied them);
+- **attention heads** (``models.attention.HeadAttention``, which ``nn.MultiheadAttention``
+  becomes on loading) are a group of their own: head h is ``head_dim`` rows of the q, k and v
+  projections and as many columns of ``out_proj``, its consumer; the softmax is per head, so
+  nothing else sees it. Its q, k and v projections consume the attention's inputs;
 - a **consumer** (a Linear or a ``groups=1`` Conv2d) reads the group: its weight columns
   for channel c (``Consumer.group`` consecutive columns: kh*kw for a convolution, the
   channel's positions for a Linear after flattening) are what the lasso solves for.
@@ -38,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from models.attention import HeadAttention
 from models.pruned import IndexedLinear, is_depthwise
 
 
@@ -80,7 +85,10 @@ class NeuronGroup:
     depthwise Conv2d, PReLU), in network order. ``consumers``: the layers reading the
     channels, in network order. ``width``: the number of channels. ``coupled_by``: the fx
     nodes (additions, products) that tied several producers together. ``reason``: why the
-    channels cannot be removed, or None.
+    channels cannot be removed, or None. ``units``: output units of every producer (and rows
+    of every Linear among ``channel_ops``) per channel: 1, or ``head_dim`` for the heads of a
+    ``HeadAttention`` (producer ``v_proj``; ``q_proj``, ``k_proj`` and the attention module
+    itself, whose ``num_heads`` goes down, in ``channel_ops``; consumer ``out_proj``).
     """
 
     producers: tuple[str, ...]
@@ -89,6 +97,7 @@ class NeuronGroup:
     width: int
     coupled_by: tuple[str, ...] = ()
     reason: Optional[str] = None
+    units: int = 1
 
     @property
     def name(self) -> str:
@@ -166,10 +175,11 @@ PER_CHANNEL_FUNCTIONS |= _stochastic_depth()
 
 
 class Tracer(fx.Tracer):
-    """torch.fx tracer that keeps the project's own layers (``IndexedLinear``) as single nodes."""
+    """torch.fx tracer that keeps the project's own layers (``IndexedLinear``, ``HeadAttention``)
+    as single nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, IndexedLinear) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (IndexedLinear, HeadAttention)) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.Graph:
@@ -198,6 +208,7 @@ class _Group:
     consumers: list[Consumer] = field(default_factory=list)
     coupled_by: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    units: int = 1
     parent: Optional["_Group"] = None
 
     def root(self) -> "_Group":
@@ -263,6 +274,7 @@ class _Analysis:
         self.refused: dict[str, str] = {}
         self.order: list[str] = []
         self.depthwise: dict[str, int] = {}
+        self.pairs: dict[fx.Node, tuple[Optional[_Tensor], ...]] = {}  # (output, weights) of an attention call
         calls: dict[str, int] = {}
         for node in graph.nodes:
             if node.op == "call_module":
@@ -336,7 +348,7 @@ class _Analysis:
                 groups[id(root)] = NeuronGroup(
                     producers=ordered(root.producers), channel_ops=ordered(root.channel_ops),
                     consumers=tuple(consumers), width=int(root.width or 0),
-                    coupled_by=tuple(root.coupled_by), reason=reason)
+                    coupled_by=tuple(root.coupled_by), reason=reason, units=root.units)
             return groups[id(root)]
 
         reads = {layer: freeze(group) for layer, group in self.read.items()}
@@ -361,6 +373,8 @@ class _Analysis:
             for _, value in self._tracked(node.args):
                 value.group.block("they are the network's outputs")
             return None
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in self.pairs:
+            return self.pairs[node.args[0]][node.args[1]]
         tracked = self._tracked((node.args, node.kwargs))
         if node.op == "call_module":
             return self._module(node, tracked)
@@ -375,14 +389,20 @@ class _Analysis:
     def _module(self, node: fx.Node, tracked: list[tuple[fx.Node, _Tensor]]) -> Optional[_Tensor]:
         name, module = node.target, self.modules[node.target]
         value = tracked[0][1] if tracked else None
-        shared = self.calls[name] > 1 and any(True for _ in module.parameters(recurse=False))
+        attention = isinstance(module, HeadAttention)
+        shared = self.calls[name] > 1 and (attention or any(True for _ in module.parameters(recurse=False)))
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             self.order.append(name)
         if shared:
             why = f"{name!r} is called {self.calls[name]} times in the forward pass (shared weights)"
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 self.refused[name] = why
+            for layer in ([f"{name}.{p}_proj" for p in ("q", "k", "v", "out")] if attention else []):
+                self.order.append(layer)
+                self.refused[layer] = why
             return self._opaque(node, why, why)
+        if attention:
+            return self._attention(node, name, module)
         if isinstance(module, nn.Conv2d) and is_depthwise(module):
             self.depthwise[name] = module.in_channels
             if value is None:
@@ -422,16 +442,39 @@ class _Analysis:
                 f"they come from {self._describe(node)}")
         if isinstance(module, PER_CHANNEL_MODULES):
             return value
-        if isinstance(module, nn.LayerNorm):
-            why = (f"{self._describe(node)} normalises across these features: removing one changes the others' "
-                   "normalisation")
-            return self._opaque(node, why, f"they come from {why}")
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            why = ("normalises across these features: removing one changes the others' normalisation (a "
+                   "transformer's residual stream)")
+            return self._opaque(node, f"{self._describe(node)} {why}", f"they come from {self._describe(node)}, which {why}")
         if isinstance(module, nn.GroupNorm):
             why = (f"{self._describe(node)} normalises groups of these channels together: removing one changes the "
                    "others' normalisation")
             return self._opaque(node, why, f"they come from {why}")
         return self._opaque(node, f"they go through {self._describe(node)}, which this analysis does not know",
                             f"they come from {self._describe(node)}, which this analysis does not know")
+
+    def _attention(self, node: fx.Node, name: str, module: HeadAttention) -> None:
+        """A ``HeadAttention`` call: q, k and v consume the query, key and value; the heads are a
+        new group read by ``out_proj``, whose output is the call's; its result is the pair
+        (output, weights), taken apart by the ``getitem`` nodes that follow."""
+        names = ("query", "key", "value")
+        given = [node.args[i] if i < len(node.args) else node.kwargs.get(n) for i, n in enumerate(names)]
+        projections = [f"{name}.{p}_proj" for p in "qkv"]
+        for layer, argument in zip(projections, given):
+            self.order.append(layer)
+            value = self.values.get(argument) if isinstance(argument, fx.Node) else None
+            if value is not None:
+                self._consume(layer, self.modules[layer], value)
+            else:
+                self.refused[layer] = "its input is not a tensor of this network's channels"
+        heads = _Group(width=module.num_heads, producers=[projections[2]],
+                       channel_ops=[projections[0], projections[1], name], units=module.head_dim)
+        out = f"{name}.out_proj"
+        self.order.append(out)
+        self.read[out] = heads
+        heads.consumers.append(Consumer(out, "linear", module.head_dim, module.head_dim))
+        self.pairs[node] = (self._new_group(module.embed_dim, out, "features"), None)
+        return None
 
     def _check_width(self, value: _Tensor, entries: int, node: fx.Node) -> None:
         root = value.group.root()
@@ -478,9 +521,9 @@ class _Analysis:
             why = f"they are concatenated by {self._describe(node)} (concatenations are not supported yet)"
             return self._opaque(node, why, f"they come from the concatenation {node.name!r} (concatenations are not "
                                            "supported yet)")
-        if target in (F.layer_norm, F.group_norm):
-            why = f"{self._describe(node)} normalises across these channels: removing one changes the others'"
-            return self._opaque(node, why, f"they come from {why}")
+        if target in (F.layer_norm, F.group_norm, F.rms_norm):
+            why = "normalises across these channels: removing one changes the others' normalisation"
+            return self._opaque(node, f"{self._describe(node)} {why}", f"they come from {self._describe(node)}, which {why}")
         return self._opaque(node, f"they go through {self._describe(node)}, which mixes or reshapes channels",
                             f"they come from {self._describe(node)}, which mixes or reshapes channels")
 

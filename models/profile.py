@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -28,24 +28,39 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
     }
 
 
+# Attention's two matrix products (q k^T and the weights times v) in the CPU kernel of
+# scaled_dot_product_attention, which PyTorch's counter knows only for its GPU kernels.
+def _attention_flops(query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int], *args: object,
+                     out_shape: object = None, **kwargs: object) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
+
+
 @torch.no_grad()
 def _flop_counter(model: nn.Module, input_shape: Sequence[int]) -> FlopCounterMode:
     """PyTorch's ``FlopCounterMode`` after one eval-mode forward pass of one sample of shape
-    ``input_shape`` (convolutions and matrix products; the rest is negligible; 2 FLOPs per
-    multiply-add). The model's mode is restored."""
+    ``input_shape`` (convolutions and matrix products, attention's included; the rest is
+    negligible; 2 FLOPs per multiply-add). The model's mode is restored."""
     device = next(model.parameters()).device
     was_training = model.training
     try:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=_ATTENTION) as counter:
             model.eval()(torch.zeros(1, *input_shape, device=device))
     finally:
         model.train(was_training)
     return counter
 
 
-def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Multiply-adds of one forward pass of one sample of shape ``input_shape`` (C, H, W)."""
-    return _flop_counter(model, input_shape).get_total_flops() // 2
+def count_macs(model: nn.Module, input_shape: Sequence[int], within: Optional[str] = None) -> int:
+    """Multiply-adds of one forward pass of one sample of shape ``input_shape`` (C, H, W): of the
+    whole network, or of the submodule at path ``within`` only (a transformer's ``encoder``)."""
+    counter = _flop_counter(model, input_shape)
+    if within is None:
+        return counter.get_total_flops() // 2
+    model.get_submodule(within)  # an unknown path is an AttributeError naming it
+    return sum(counter.get_flop_counts().get(f"{type(model).__name__}.{within}", {}).values()) // 2
 
 
 def module_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:

@@ -13,7 +13,8 @@ A network is described by a ``NetworkSpec``: ``arch`` is either
   form: any importable ``nn.Module`` class or builder function, called with ``init_args``
   (plus ``num_classes`` when it takes one and ``init_args`` does not set it).
 ``small_input`` replaces the stem of the torchvision families that have a down-sampling stem
-(``SMALL_INPUT_STEMS``) by one suited to 32x32 images: stride 1, no max-pool.
+(``SMALL_INPUT_STEMS``) by one suited to 32x32 images: stride 1, no max-pool; for the vision
+transformers (``vit_b_16``, ...), 32x32 images in 4x4 patches (64 tokens and the class token).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, Callable, Union
 
+import torch
 import torchvision
 from torch import nn
 
@@ -74,6 +76,18 @@ def _shufflenet_stem(model: nn.Module) -> None:
     model.maxpool = nn.Identity()
 
 
+def _vit_stem(model: nn.Module, size: int = 32, patch: int = 4) -> None:
+    """A torchvision ``VisionTransformer`` for ``size`` x ``size`` images in ``patch`` x ``patch``
+    patches: a new patch embedding and position embedding (initialised as torchvision does)."""
+    hidden = model.hidden_dim
+    model.image_size, model.patch_size = size, patch
+    model.conv_proj = nn.Conv2d(3, hidden, kernel_size=patch, stride=patch)
+    nn.init.trunc_normal_(model.conv_proj.weight, std=(1.0 / (3 * patch * patch)) ** 0.5)
+    nn.init.zeros_(model.conv_proj.bias)
+    model.seq_length = (size // patch) ** 2 + 1
+    model.encoder.pos_embedding = nn.Parameter(torch.empty(1, model.seq_length, hidden).normal_(std=0.02))
+
+
 # Family prefix -> the change that makes its stem keep 32x32 images large enough.
 SMALL_INPUT_STEMS: dict[str, Callable[[nn.Module], None]] = {
     "resnet": _resnet_stem, "resnext": _resnet_stem, "wide_resnet": _resnet_stem,
@@ -83,6 +97,7 @@ SMALL_INPUT_STEMS: dict[str, Callable[[nn.Module], None]] = {
     "mnasnet": lambda m: _stride_one(m.layers[0]),
     "regnet": lambda m: _stride_one(m.stem[0]),
     "shufflenet": _shufflenet_stem,
+    "vit_": _vit_stem,
 }
 
 
@@ -148,7 +163,11 @@ def build_model(arch: Arch, num_classes: int = 10, small_input: bool = False) ->
 
 def default_input_shape(spec: "NetworkSpec") -> tuple[int, int, int]:
     """The image size a network is used at here when no data says: 64x64 for AlexNet (the
-    paper's), 32x32 for the CIFAR networks and small-input stems, else 224x224."""
+    paper's), 32x32 for the CIFAR networks and small-input stems, the ``image_size`` of a
+    network given with one (a ``VisionTransformer``'s), else 224x224."""
+    size = spec.arch.get("init_args", {}).get("image_size") if isinstance(spec.arch, dict) else None
+    if isinstance(size, int):
+        return (3, size, size)
     if spec.arch == "alexnet":
         return (3, 64, 64)
     if spec.small_input or spec.arch == "vgg19" or (isinstance(spec.arch, str) and spec.arch in SHORT_NAMES):

@@ -8,7 +8,8 @@ own shape), channel c is unused when every consumer's columns for c are zero, an
 - every producer keeps only the used output units (rows and biases of a Linear, filters of a
   Conv2d);
 - every per-channel module keeps their entries (a BatchNorm's statistics and affine
-  parameters, a depthwise convolution's filters, a PReLU's slopes);
+  parameters, a depthwise convolution's filters, a PReLU's slopes; an attention module keeps
+  the heads' rows of its q, k and v projections and counts fewer heads);
 - every consumer keeps the used channels' columns of its new weight: a Conv2d its input
   channels, a Linear its inputs (after flattening, a channel's positions; where some
   positions of a kept channel are unused the layer becomes an ``IndexedLinear`` that reads
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from grouplasso import active_columns
+from models.attention import HeadAttention
 from models.dependency import Consumer, NeuronGroup
 from models.pruned import IndexedLinear, is_depthwise, resized_conv
 
@@ -85,10 +87,15 @@ def prune_channels(model: nn.Module, group: NeuronGroup, keep: Tensor) -> None:
     producers' outputs, the per-channel modules' entries, the consumers' inputs (their current
     weights' columns, so set the new weights first)."""
     keep = keep.to(torch.long).cpu()
+    # channel c is output units c*units .. (c+1)*units - 1 of every producer (an attention head's rows)
+    rows = (keep[:, None] * group.units + torch.arange(group.units)).reshape(-1)
     for name in group.producers:
-        _keep_outputs(model, name, keep)
+        _keep_outputs(model, name, rows)
     for name in group.channel_ops:
-        _keep_entries(model, name, keep)
+        if isinstance(model.get_submodule(name), nn.Linear):  # an attention's q and k projections
+            _keep_outputs(model, name, rows)
+        else:
+            _keep_entries(model, name, keep)
     for consumer in group.consumers:
         _keep_inputs(model, consumer, keep)
 
@@ -116,6 +123,9 @@ def _keep_entries(model: nn.Module, name: str, keep: Tensor) -> None:
     old = model.get_submodule(name)
     if isinstance(old, nn.Conv2d) and is_depthwise(old):
         _keep_outputs(model, name, keep)  # filter c reads channel c only: the rows are the channels
+        return
+    if isinstance(old, HeadAttention):  # its projections are pruned as the group's own modules
+        old.num_heads = len(keep)
         return
     if isinstance(old, nn.PReLU):
         new: nn.Module = nn.PReLU(len(keep)).to(old.weight)

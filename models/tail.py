@@ -14,6 +14,7 @@ read only the groups a candidate keeps, so a narrow candidate is cheap.
 """
 from __future__ import annotations
 
+from copy import copy as copy_module
 from typing import Optional, Sequence
 
 import torch
@@ -34,8 +35,10 @@ def cut_before(module: nn.Module, layers: Sequence[str]) -> str:
     comes before every call of ``layers`` (module paths inside ``module``)."""
     nodes = _nodes(module)
     index = {node: i for i, node in enumerate(nodes)}
-    calls = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target in set(layers)]
-    missing = set(layers) - {nodes[i].target for i in calls}
+    called = {n.target for n in nodes if n.op == "call_module"}
+    wanted = {_called(called, layer) for layer in layers}
+    calls = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target in wanted]
+    missing = wanted - {nodes[i].target for i in calls}
     if missing:
         raise LayerError(f"{sorted(missing)} are not called in the forward pass")
     first = min(calls)
@@ -82,6 +85,8 @@ def tail(module: nn.Module, cut: str, replace: Optional[dict[str, nn.Module]] = 
                              "around the cut): the cut alone does not determine the network's output")
         return env[node]
 
+    called = {n.target for n in nodes if n.op == "call_module"}
+    replace = _lift(module, called, replace)
     root: dict[str, nn.Module] = {}
     for node in nodes[start + 1:]:
         if node.op == "output":
@@ -93,6 +98,42 @@ def tail(module: nn.Module, cut: str, replace: Optional[dict[str, nn.Module]] = 
             root[node.target] = _attribute(module, node.target)
         env[node] = graph.node_copy(node, lookup)
     return fx.GraphModule(root, graph)
+
+
+def _called(called: set[str], path: str) -> str:
+    """``path``, or the nearest module above it that the graph calls (a layer inside a leaf such
+    as ``HeadAttention``'s ``out_proj``); ``path`` itself when neither is called."""
+    parent = path
+    while parent and parent not in called:
+        parent = parent.rpartition(".")[0]
+    return parent or path
+
+
+def _lift(module: nn.Module, called: set[str], replace: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """``replace`` with every layer inside a called leaf module moved up to that leaf: a shallow
+    copy of the leaf with the layer swapped (the original is untouched)."""
+    lifted: dict[str, nn.Module] = {}
+    for path, new in replace.items():
+        leaf = _called(called, path)
+        if leaf == path:
+            lifted[path] = new
+            continue
+        duplicate = lifted.get(leaf) or _shallow(module.get_submodule(leaf))
+        owner, _, child = path[len(leaf) + 1:].rpartition(".")
+        target = duplicate
+        for part in owner.split(".") if owner else []:
+            target._modules[part] = _shallow(target._modules[part])
+            target = target._modules[part]
+        target._modules[child] = new
+        lifted[leaf] = duplicate
+    return lifted
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` that shares its parameters but not its table of children."""
+    out = copy_module(module)
+    out._modules = dict(module._modules)
+    return out
 
 
 def _attribute(module: nn.Module, target: str) -> object:

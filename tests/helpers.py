@@ -9,16 +9,18 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from datamodules.base import ImageDataModule
+from models.attention import HeadAttention
 from models.checkpoints import save_network
 from models.registry import NetworkSpec
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def small_train_args(tmp_path: Path, fashion_root: str, *extra: str, subset: int = 256) -> list[str]:
-    """``alexnet_fashion.yaml`` on ``subset`` images, one epoch, a few val/test batches, logs in ``tmp_path``."""
+def small_train_args(tmp_path: Path, fashion_root: str, *extra: str, subset: int = 256,
+                     config: str = "alexnet_fashion") -> list[str]:
+    """``config`` (``alexnet_fashion.yaml``) on ``subset`` images, one epoch, a few val/test batches, logs in ``tmp_path``."""
     return [
-        "--config", "alexnet_fashion",
+        "--config", config,
         "--data.init_args.root", fashion_root,
         "--data.init_args.train_subset", str(subset),
         "--data.init_args.num_workers", "0",
@@ -41,14 +43,15 @@ VAL_SUBSET = 2000
 
 
 def small_compress_args(tmp_path: Path, fashion_root: str, checkpoint: str, *extra: str, train_subset: int = 2048,
-                        test_subset: int = 1000, cache_dir: Optional[Path] = None) -> list[str]:
-    """``alexnet_fashion_compress.yaml`` on ``train_subset`` training images (the statistics),
+                        test_subset: int = 1000, cache_dir: Optional[Path] = None,
+                        config: str = "alexnet_fashion_compress") -> list[str]:
+    """``config`` (``alexnet_fashion_compress.yaml``) on ``train_subset`` training images (the statistics),
     ``VAL_SUBSET`` validation images and ``test_subset`` test images, on the CPU, with logs and
     reports in ``tmp_path`` and the pass cache
     there too, or in ``cache_dir`` (the ``shared_cache`` fixture: entries are keyed by everything
     they depend on, so tests can share what they compute alike and the suite writes it once)."""
     return [
-        "--config", "alexnet_fashion_compress",
+        "--config", config,
         "--checkpoint", checkpoint,
         "--data.init_args.root", fashion_root,
         "--data.init_args.train_subset", str(train_subset),
@@ -111,6 +114,31 @@ class ResidualMLP(nn.Module):
         x = torch.relu(x + self.fc2a(nn.functional.gelu(self.fc1a(x))))
         x = torch.relu(x + self.fc2b(nn.functional.gelu(self.fc1b(x))))
         return self.out(x)
+
+
+class TinyLlama(nn.Module):
+    """A Llama-style pre-norm block of this project's own for ``ToyDataModule``: 8 inputs -> 4
+    tokens of width 16 -> RMSNorm, 4-head ``HeadAttention`` (heads of 4) and a residual add ->
+    RMSNorm, SwiGLU MLP ``down(silu(gate x) * up x)`` 16 -> 32 -> 16 and a residual add -> the
+    tokens' mean -> 3. Two compressible groups: the 4 heads (read by ``attention.out_proj``) and
+    the 32 MLP neurons (made by gate and up, coupled by their product; read by ``down``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 64)
+        self.norm1, self.norm2 = nn.RMSNorm(16), nn.RMSNorm(16)
+        self.attention = HeadAttention(16, 4, batch_first=True)
+        self.gate, self.up = nn.Linear(16, 32, bias=False), nn.Linear(16, 32, bias=False)
+        self.down = nn.Linear(32, 16, bias=False)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x).unflatten(1, (4, 16))
+        n = self.norm1(h)
+        h = h + self.attention(n, n, n, need_weights=False)[0]
+        n = self.norm2(h)
+        h = h + self.down(nn.functional.silu(self.gate(n)) * self.up(n))
+        return self.out(h.mean(dim=1))
 
 
 def toy_compress_args(tmp_path: Path, *extra: str) -> list[str]:

@@ -205,7 +205,7 @@ class Softmaxed(nn.Module):
 
 @pytest.mark.parametrize("model, layer, reason", [
     (nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)), "2",
-     r"LayerNorm\) normalises across these features: removing one changes the others' normalisation"),
+     r"LayerNorm\), which normalises across these features: removing one changes the others' normalisation"),
     (Softmaxed(), "out", r"'softmax' \(softmax\), which mixes or reshapes channels"),
     (Shared(), "out", r"'fc' is called 2 times in the forward pass \(shared weights\)"),
     (nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "0", r"network's input"),

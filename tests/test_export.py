@@ -2,8 +2,8 @@
 
 Every family the project compresses, after compression: AlexNet with a conv layer narrowed and
 ``classifier.1`` an ``IndexedLinear``, a CIFAR ResNet-20 with a coupled residual stream and an
-internal width narrowed, and MobileNetV2 with an expansion narrowed together with its depthwise
-convolution. BatchNorm layers have random running statistics (eval mode), so an entry exported
+internal width narrowed, MobileNetV2 with an expansion narrowed together with its depthwise
+convolution, and a vision transformer with attention heads and MLP neurons removed. BatchNorm layers have random running statistics (eval mode), so an entry exported
 in the wrong place shows in the outputs. Exporting is the slow part (seconds per network), so
 each network is compressed and exported once per module."""
 from __future__ import annotations
@@ -74,8 +74,23 @@ def mobilenet_v2() -> nn.Module:
     return model
 
 
+def vit() -> nn.Module:
+    """A small torchvision ViT with half the heads of block 0 and of the MLP neurons of block 1
+    removed (its attention is this project's ``HeadAttention``)."""
+    from models.attention import HeadAttention, separate_attention
+    from tests.test_transformers import small_vit
+
+    model = small_vit()  # its classifier random: torchvision's zero start would hide every difference
+    separate_attention(model)
+    model = compressed(model, "encoder.layers.encoder_layer_0.self_attention.out_proj", seed=5)
+    model = compressed(model, "encoder.layers.encoder_layer_1.mlp.3", seed=6)
+    assert model.get_submodule("encoder.layers.encoder_layer_0.self_attention").num_heads < 4
+    assert isinstance(model.get_submodule("encoder.layers.encoder_layer_1.self_attention"), HeadAttention)
+    return model
+
+
 NETWORKS = {"alexnet": (alexnet, (3, 64, 64)), "resnet20": (resnet20, (3, 32, 32)),
-            "mobilenet_v2": (mobilenet_v2, (3, 32, 32))}
+            "mobilenet_v2": (mobilenet_v2, (3, 32, 32)), "vit": (vit, (3, 32, 32))}
 
 
 @pytest.fixture(scope="module", params=list(NETWORKS))

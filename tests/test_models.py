@@ -114,6 +114,6 @@ def test_any_elementwise_activation_passes_and_layer_norm_is_refused_with_the_re
         mlp = nn.Sequential(nn.Linear(3, 8), activation, nn.Linear(8, 2))
         assert analyse_layer(mlp, "2").producers == ("0",)
     mlp = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.Linear(8, 2))
-    with pytest.raises(LayerError, match=r"'1' \(a LayerNorm\) normalises across these features: removing one "
+    with pytest.raises(LayerError, match=r"'1' \(a LayerNorm\), which normalises across these features: removing one "
                                          r"changes the others' normalisation"):
         analyse_layer(mlp, "2")
