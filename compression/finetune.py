@@ -5,12 +5,14 @@ learning rate recover most of the accuracy lost. The network stays compressed: i
 trained with the ``Classifier`` started from the compressed file, whose layers keep the
 file's (smaller) shapes, and the result is checked against the file's widths.
 
-Everything goes to ``<run_dir>/finetune``: TensorBoard logs, the checkpoints
-(``checkpoints/last.ckpt``, ``checkpoints/best.ckpt``) and, once finished,
-``finetuned.pt`` (the network and its summary, the marker of a finished run). A run
-interrupted mid-way continues from ``last.ckpt`` when called again with the same
-``run_dir`` and ends with the weights an uninterrupted run ends with (the random number
-generators are saved in the checkpoints and restored); a finished one is loaded, not redone.
+Everything goes to ``<run_dir>/finetune``: TensorBoard logs, the checkpoint a resumed run
+needs (``checkpoints/last.ckpt``, after every epoch of a run of several) and, once finished,
+``finetuned.pt`` (the network and its summary, the marker of a finished run; the result is the
+last epoch's network, so no ``best.ckpt`` is written, and a run of one epoch writes no
+checkpoint: it could only resume from its end). A run interrupted mid-way continues from
+``last.ckpt`` when called again with the same ``run_dir`` and ends with the weights an
+uninterrupted run ends with (the random number generators are saved in the checkpoints and
+restored); a finished one is loaded, not redone.
 """
 from __future__ import annotations
 
@@ -183,19 +185,24 @@ def finetune(
                          "(use settings.epochs, run_dir, logger, callbacks)")
     pl.seed_everything(seed, verbose=False)
     module = Classifier(arch=spec.arch, num_classes=spec.num_classes, small_input=spec.small_input,
-                        init_checkpoint=str(network_file), **hparams)
+                        init_checkpoint=str(network_file), save_best=False, **hparams)
     if settings.dropout is not None:
         for layer in module.model.modules():
             if isinstance(layer, nn.Dropout):
                 layer.p = float(settings.dropout)
+    # Checkpoints only for resuming (with Adam, three times the network), so none for one epoch:
+    # it could only resume from its end, where finetuned.pt is written.
+    resumable = settings.epochs > 1
     trainer = pl.Trainer(
         **trainer_kwargs,
         max_epochs=settings.epochs,
         default_root_dir=fit_dir,
         logger=logger if logger is not None else TensorBoardLogger(run_dir, name="finetune", version="",
                                                                    default_hp_metric=False),
-        # The Classifier's own ModelCheckpoint (best and last) replaces this one and keeps its folder.
-        callbacks=[ModelCheckpoint(dirpath=fit_dir / "checkpoints", save_last=True), RestoreRNG(), *callbacks],
+        # The Classifier's own ModelCheckpoint (last) replaces this one and keeps its folder.
+        enable_checkpointing=resumable,
+        callbacks=[*([ModelCheckpoint(dirpath=fit_dir / "checkpoints", save_last=True)] if resumable else []),
+                   RestoreRNG(), *callbacks],
     )
     last = fit_dir / "checkpoints" / "last.ckpt"
     start = time.perf_counter()

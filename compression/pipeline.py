@@ -89,6 +89,16 @@ class Solution:
         }
 
 
+class SolveCheckpoint(ModelCheckpoint):
+    """A solve's checkpoint, for resuming it: every ``every_n_train_steps`` steps and when the
+    solve is interrupted, but not when it ends. Lightning's ``save_last`` also saves then, which
+    a finished solve does not need (its ``solution.pt`` is written instead and the checkpoints
+    are removed): for a pen-sized problem that was 134 MB written and deleted per solve."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        return None
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """What to do with one group of neurons: ``layer`` is the name the user gave (or the module
@@ -273,7 +283,7 @@ class CompressionPipeline:
         # hold the same V; only rank 0 writes.
         callbacks: list[pl.Callback] = [convergence]
         if self.is_global_zero:
-            callbacks += [ModelCheckpoint(dirpath=fit_dir / "checkpoints", save_last=True, save_top_k=0,
+            callbacks += [SolveCheckpoint(dirpath=fit_dir / "checkpoints", save_last=True, save_top_k=0,
                                           every_n_train_steps=self.checkpoint_every, save_on_train_epoch_end=False),
                           self._resume_hint(tag)]
         trainer = self.trainer.single_device(

@@ -36,6 +36,8 @@ class Classifier(pl.LightningModule):
         save_last: write ``last.ckpt`` (weights, optimizer and loop state: what ``--ckpt_path``
             resumes from; three times ``best.ckpt`` with Adam) after every epoch. ``false`` keeps
             only ``best.ckpt``, for short runs that will not be resumed.
+        save_best: write ``best.ckpt`` (the weights of the epoch with the best ``val/acc``).
+            ``false`` for runs whose result is their last epoch (fine-tuning).
         init_checkpoint: start from these weights (any format ``models.checkpoints`` reads),
             also a compressed network (``save_network``): the layers are resized to the file's
             (smaller) shapes, so fine-tuning keeps the network compressed.
@@ -57,6 +59,7 @@ class Classifier(pl.LightningModule):
         gamma: float = 0.1,
         init_checkpoint: Optional[str] = None,
         save_last: bool = True,
+        save_best: bool = True,
     ) -> None:
         super().__init__()
         if lr <= 0 or weight_decay < 0:
@@ -122,8 +125,9 @@ class Classifier(pl.LightningModule):
         if given is not None and self.trainer.state.fn == TrainerFn.FITTING:  # unless enable_checkpointing: false
             # These replace the trainer's ModelCheckpoint; keep the folder it was given (None: the log dir).
             dirpath = given.dirpath if isinstance(given, ModelCheckpoint) else None
-            callbacks.append(ModelCheckpoint(dirpath=dirpath, monitor="val/acc", mode="max", filename="best",
-                                             auto_insert_metric_name=False, save_weights_only=True))
+            if self.hparams.get("save_best", True):  # checkpoints written before the option: true
+                callbacks.append(ModelCheckpoint(dirpath=dirpath, monitor="val/acc", mode="max", filename="best",
+                                                 auto_insert_metric_name=False, save_weights_only=True))
             if self.hparams.save_last:
                 # the latest epoch, whole (monitor None: top-1 is the newest), under the name resumes use
                 callbacks.append(ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,

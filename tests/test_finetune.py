@@ -86,10 +86,10 @@ def test_finetuning_trains_and_stays_compressed(compressed_file, fashion_root, t
     assert any(not torch.equal(a, b) for a, b in zip(network.state_dict().values(), before.state_dict().values()))
     assert summary["epochs"] == 1 and summary["lr"] == pytest.approx(1e-4) and summary["optimizer"] == "adam"
     assert summary["weight_decay"] == 1e-4 and 0 <= summary["val_accuracy"] <= 1 and summary["seconds"] > 0
-    checkpoints = tmp_path / "finetune" / "checkpoints"
-    assert (checkpoints / "last.ckpt").is_file() and (tmp_path / "finetune" / DONE_FILE).is_file()
-    # The fine-tuning checkpoint carries its hyper-parameters for the next run.
-    assert read_checkpoint(checkpoints / "last.ckpt")[1]["hparams"]["lr"] == pytest.approx(1e-4)
+    assert (tmp_path / "finetune" / DONE_FILE).is_file()
+    # one epoch: nothing to resume, so no checkpoint was written (only the result, with its settings)
+    assert not list((tmp_path / "finetune").rglob("*.ckpt"))
+    assert read_checkpoint(tmp_path / "finetune" / DONE_FILE)[1]["finetune"]["lr"] == pytest.approx(1e-4)
 
     # Finished: a second call loads the result instead of training.
     def no_fit(*args, **kwargs):
@@ -140,7 +140,8 @@ def test_resume_ends_where_an_uninterrupted_run_does(compressed_file, fashion_ro
     with pytest.raises(RuntimeError, match="simulated crash"):
         finetune(*args, datamodule(fashion_root), settings, TRAIN_HPARAMS, tmp_path / "cut", trainer,
                  callbacks=[CrashAtEpoch(1)])
-    assert (tmp_path / "cut" / "finetune" / "checkpoints" / "last.ckpt").is_file()
+    assert [p.name for p in (tmp_path / "cut" / "finetune").rglob("*.ckpt")] == ["last.ckpt"]  # no best.ckpt
+    assert read_checkpoint(tmp_path / "cut" / "finetune" / "checkpoints" / "last.ckpt")[1]["hparams"]["lr"] == 1e-4
     assert not (tmp_path / "cut" / "finetune" / DONE_FILE).exists()
     resumed, _ = finetune(*args, datamodule(fashion_root), settings, TRAIN_HPARAMS, tmp_path / "cut", trainer)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):

@@ -6,6 +6,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from callbacks.convergence import Convergence
@@ -148,6 +149,31 @@ def test_a_solve_stopped_by_its_time_limit_is_not_kept_as_finished(toy, tmp_path
     solution = budgeted.solve(stats, 1e-6, torch.zeros(20, 300), "x", tag="budget", seconds=60.0, solver="fista")
     assert solution.steps == 3 and solution.reason.startswith("stopped by the budget")
     assert (tmp_path / "solve" / "budget" / "solution.pt").is_file()
+
+
+def test_a_solve_checkpoints_for_resuming_only(toy, tmp_path, monkeypatch):
+    """Checkpoints every checkpoint_every steps, but none when the solve ends (Lightning's
+    save_last would write one there, only for the pipeline to delete it)."""
+    from grouplasso import LassoStats
+
+    saved: list[int] = []
+    real = pl.Trainer.save_checkpoint
+    monkeypatch.setattr(pl.Trainer, "save_checkpoint", lambda self, *a, **k: (saved.append(self.global_step),
+                                                                              real(self, *a, **k)))
+    g = torch.Generator().manual_seed(0)
+    X = torch.relu(torch.randn(400, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 300, generator=g,
+                                                                                       dtype=torch.float64))
+    stats = LassoStats.from_features(X, X @ torch.randn(300, 20, generator=g, dtype=torch.float64) / 300)
+    runner = pipeline(toy, tmp_path, make_convergence=partial(Convergence, tol=1e-14, verbose=False),
+                      trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False, max_steps=25),
+                      checkpoint_every=10)
+    runner.solve(stats, 1e-6, torch.zeros(20, 300), "x", tag="a", solver="fista")
+    assert saved == [10, 20]  # not at its end, step 25
+    assert not (tmp_path / "solve" / "a" / "checkpoints").exists() and (tmp_path / "solve" / "a" / "solution.pt").is_file()
+    saved.clear()
+    runner.checkpoint_every = 100  # a solve shorter than that writes none at all
+    runner.solve(stats, 1e-6, torch.zeros(20, 300), "x", tag="b", solver="fista")
+    assert saved == []
 
 
 @pytest.mark.parametrize("kwargs, message", [
