@@ -61,6 +61,7 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
             kept = [a / b for a, b in zip(r[f"{key}_after"], r[f"{key}_before"])]
             ax.plot(range(len(kept)), kept, marker="o", label=f"{r['budget']:g}-point budget")
     for ax, title in zip(axes, ("MLP neurons kept", "attention heads kept")):
+        ax.set_xticks(range(len(runs[0]["heads_after"])) if runs else [])
         ax.set_title(title)
         ax.set_xlabel("encoder block")
         ax.set_ylim(0, 1.05)

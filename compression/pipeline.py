@@ -144,7 +144,8 @@ def describe_plan(analysis: NetworkAnalysis, plans: list[LayerPlan], target: Tar
     for plan in plans:
         group = analysis.group_of(plan.module)
         readers = [c.name for c in group.consumers]
-        unit = "channels" if group.units == 1 else f"attention heads of {group.units} features"
+        unit = f"attention heads of {group.units} features" if group.units > 1 else \
+            "neurons" if all(c.kind == "linear" and c.group == 1 for c in group.consumers) else "channels"
         what = f"{group.width} {unit} read by {', '.join(readers[:4])}" + \
                (f" and {len(readers) - 4} more" if len(readers) > 4 else "") + \
                (f", made by {len(group.producers)} layers (coupled)" if group.coupled else "")

@@ -13,9 +13,16 @@ q, k and v and the same columns of ``out_proj``; the softmax is per head, so rem
 head whose ``out_proj`` columns are zero changes nothing else (``models.surgery``), and
 ``num_heads`` goes down while ``head_dim`` stays.
 
-``separate_attention`` replaces every convertible ``nn.MultiheadAttention`` of a network
-in place (torchvision's ``VisionTransformer`` among them); ``models.checkpoints`` does it
-when a network is loaded, so compressed and uncompressed networks are the same modules.
+``SelfAttention`` is the same for the other common layout, one ``qkv`` Linear layer (3 H d, E)
+and a ``proj`` Linear layer read by a module with ``num_heads`` (timm's ``Attention``, in its
+vision transformers, DeiT and others): ``forward(x)`` attends x to itself.
+
+``separate_attention`` replaces every convertible attention of a network in place:
+``nn.MultiheadAttention`` (torchvision's ``VisionTransformer`` among them) always, and a
+module of the qkv/proj layout when ``SelfAttention`` computes the same function on a random
+input (checked, so a module with extras, such as a normalisation of q and k or rotary
+embeddings, is left as it is, and the layer analysis names it). ``models.checkpoints`` does
+it when a network is loaded, so compressed and uncompressed networks are the same modules.
 """
 from __future__ import annotations
 
@@ -39,7 +46,7 @@ class HeadAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: Optional[int] = None, bias: bool = True,
                  kdim: Optional[int] = None, vdim: Optional[int] = None, dropout: float = 0.0,
-                 batch_first: bool = False) -> None:
+                 batch_first: bool = False, out_dim: Optional[int] = None, out_bias: Optional[bool] = None) -> None:
         super().__init__()
         head_dim = head_dim or embed_dim // num_heads
         if num_heads < 1 or head_dim < 1:
@@ -51,7 +58,7 @@ class HeadAttention(nn.Module):
         self.q_proj = nn.Linear(embed_dim, inner, bias=bias)
         self.k_proj = nn.Linear(kdim or embed_dim, inner, bias=bias)
         self.v_proj = nn.Linear(vdim or embed_dim, inner, bias=bias)
-        self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(inner, out_dim or embed_dim, bias=bias if out_bias is None else out_bias)
 
     @classmethod
     def from_multihead(cls, mha: nn.MultiheadAttention) -> "HeadAttention":
@@ -112,6 +119,71 @@ class HeadAttention(nn.Module):
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
 
 
+class SelfAttention(HeadAttention):
+    """The qkv/proj layout of attention (timm's ``Attention``) as a ``HeadAttention``:
+    ``forward(x, attn_mask=None, is_causal=False)`` returns ``proj_drop(out_proj(attention of
+    x to itself))`` for x of shape (B, T, E), ``attn_mask`` in
+    ``scaled_dot_product_attention``'s convention (boolean: True = may attend)."""
+
+    def __init__(self, *args: object, proj_drop: float = 0.0, **kwargs: object) -> None:
+        super().__init__(*args, **{**kwargs, "batch_first": True})
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @classmethod
+    def from_qkv(cls, module: nn.Module) -> Optional["SelfAttention"]:
+        """The same function as ``module`` (its weights copied), or None when ``module`` is not of
+        the qkv/proj layout (``qkv`` and ``proj`` Linear layers, ``qkv`` making 3 H d features,
+        ``num_heads`` H) or computes something else on a random input (extras this class lacks)."""
+        qkv, proj, heads = getattr(module, "qkv", None), getattr(module, "proj", None), getattr(module, "num_heads", None)
+        if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int) and heads > 0):
+            return None
+        inner = proj.in_features
+        if qkv.out_features != 3 * inner or inner % heads:
+            return None
+        drop = getattr(module, "attn_drop", None)
+        out_drop = getattr(module, "proj_drop", None)
+        new = cls(qkv.in_features, heads, inner // heads, bias=qkv.bias is not None, out_dim=proj.out_features,
+                  out_bias=proj.bias is not None, dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0,
+                  proj_drop=out_drop.p if isinstance(out_drop, nn.Dropout) else 0.0).to(proj.weight)
+        with torch.no_grad():
+            for layer, weight in zip((new.q_proj, new.k_proj, new.v_proj), qkv.weight.split(inner)):
+                layer.weight.copy_(weight)
+            if qkv.bias is not None:
+                for layer, b in zip((new.q_proj, new.k_proj, new.v_proj), qkv.bias.split(inner)):
+                    layer.bias.copy_(b)
+            new.out_proj.weight.copy_(proj.weight)
+            if proj.bias is not None:
+                new.out_proj.bias.copy_(proj.bias)
+        if not _same_function(module, new, qkv.in_features, proj.weight):
+            return None
+        return new.train(module.training)
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:  # type: ignore[override]
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = ~attn_mask  # HeadAttention's convention is nn.MultiheadAttention's: True = blocked
+        out, _ = super().forward(x, x, x, need_weights=False, attn_mask=attn_mask, is_causal=is_causal)
+        return self.proj_drop(out)
+
+
+@torch.no_grad()
+def _same_function(module: nn.Module, candidate: SelfAttention, width: int, like: Tensor) -> bool:
+    """Whether ``module(x)`` equals ``candidate(x)`` for a random (2, 7, width) x, in eval mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        x = torch.randn(2, 7, width, generator=torch.Generator().manual_seed(0)).to(like)
+        expected = module(x)
+        if not isinstance(expected, Tensor) or expected.shape != (2, 7, candidate.out_proj.out_features):
+            return False
+        got = candidate.eval()(x)
+    except Exception:  # a forward with other arguments or outputs is not this layout
+        return False
+    finally:
+        module.train(was_training)
+    scale = float(expected.abs().max()) or 1.0
+    return bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * scale))
+
+
 def _additive_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], dtype: torch.dtype,
                    num_heads: int) -> Optional[Tensor]:
     """``nn.MultiheadAttention``'s masks (boolean: True = not attended; or float: added) as one
@@ -133,18 +205,25 @@ def _additive_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tenso
 
 
 def separate_attention(model: nn.Module, only: Optional[set[str]] = None) -> list[str]:
-    """Replace every ``nn.MultiheadAttention`` of ``model`` (those at the paths in ``only``,
-    when given) by the equal ``HeadAttention``, in place; returns the paths replaced. Modules
-    with options ``HeadAttention`` lacks are left as they are (the layer analysis then names
-    them as unknown)."""
+    """Replace every ``nn.MultiheadAttention`` of ``model`` by the equal ``HeadAttention``, and
+    every module of the qkv/proj layout by the equal ``SelfAttention`` (those at the paths in
+    ``only``, when given), in place; returns the paths replaced. Modules with options these
+    classes lack are left as they are (the layer analysis then names them as unknown)."""
     from models.surgery import replace_module
 
-    done = []
+    done: list[str] = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.MultiheadAttention) and (only is None or name in only):
+        if (only is not None and name not in only) or isinstance(module, HeadAttention) or \
+                any(name.startswith(d + ".") for d in done):
+            continue
+        if isinstance(module, nn.MultiheadAttention):
             try:
-                replace_module(model, name, HeadAttention.from_multihead(module))
+                new: Optional[nn.Module] = HeadAttention.from_multihead(module)
             except ValueError:
                 continue
+        else:
+            new = SelfAttention.from_qkv(module)
+        if new is not None:
+            replace_module(model, name, new)
             done.append(name)
     return done

@@ -10,7 +10,8 @@ Accepted on reading:
 Compressed networks have smaller layers than ``build_model`` makes; ``load_network``
 resizes every Linear/Conv2d/BatchNorm2d (and an attention's number of heads) to the shapes
 in the state dict, so a compressed network loads and runs without the original. Every
-``nn.MultiheadAttention`` is loaded as the equal ``models.attention.HeadAttention``.
+``nn.MultiheadAttention`` is loaded as the equal ``models.attention.HeadAttention``, and every
+attention of the qkv/proj layout (timm's) as the equal ``SelfAttention``.
 """
 from __future__ import annotations
 
@@ -155,8 +156,7 @@ def network_from_state(state: dict[str, Tensor], spec: NetworkSpec, source: str 
     model = spec.build()
     # attention saved with separate projections (any network this project compressed) is
     # separated before loading; one saved packed (as trained) after
-    separate_attention(model, only={n for n, m in model.named_modules()
-                                    if isinstance(m, nn.MultiheadAttention) and f"{n}.q_proj.weight" in state})
+    separate_attention(model, only={n for n, _ in model.named_modules() if f"{n}.q_proj.weight" in state})
     resize_to_state_dict(model, state)
     load_state_dict_strict(model, state, source=source)
     separate_attention(model)

@@ -16,7 +16,7 @@ channel c is tied to channel c of another tensor share one ``NeuronGroup``:
   squeeze-excitation scale, a gated unit) ties its operands: their groups become one, with
   several producers (``coupled_by`` names the nodes that tied them);
 - **attention heads** (``models.attention.HeadAttention``, which ``nn.MultiheadAttention``
-  becomes on loading) are a group of their own: head h is ``head_dim`` rows of the q, k and v
+  and the qkv/proj layout of timm's ``Attention`` become on loading) are a group of their own: head h is ``head_dim`` rows of the q, k and v
   projections and as many columns of ``out_proj``, its consumer; the softmax is per head, so
   nothing else sees it. Its q, k and v projections consume the attention's inputs;
 - a **consumer** (a Linear or a ``groups=1`` Conv2d) reads the group: its weight columns
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from models.attention import HeadAttention
+from models.attention import HeadAttention, SelfAttention
 from models.pruned import IndexedLinear, is_depthwise
 
 
@@ -453,12 +453,17 @@ class _Analysis:
         return self._opaque(node, f"they go through {self._describe(node)}, which this analysis does not know",
                             f"they come from {self._describe(node)}, which this analysis does not know")
 
-    def _attention(self, node: fx.Node, name: str, module: HeadAttention) -> None:
-        """A ``HeadAttention`` call: q, k and v consume the query, key and value; the heads are a
-        new group read by ``out_proj``, whose output is the call's; its result is the pair
-        (output, weights), taken apart by the ``getitem`` nodes that follow."""
-        names = ("query", "key", "value")
-        given = [node.args[i] if i < len(node.args) else node.kwargs.get(n) for i, n in enumerate(names)]
+    def _attention(self, node: fx.Node, name: str, module: HeadAttention) -> Optional[_Tensor]:
+        """A ``HeadAttention`` call: q, k and v consume the query, key and value (a
+        ``SelfAttention``'s one input x, all three); the heads are a new group read by
+        ``out_proj``, whose output is the call's. A ``SelfAttention`` returns it; a
+        ``HeadAttention`` returns the pair (output, weights), taken apart by the ``getitem``
+        nodes that follow."""
+        if isinstance(module, SelfAttention):
+            given = [node.args[0] if node.args else node.kwargs.get("x")] * 3
+        else:
+            names = ("query", "key", "value")
+            given = [node.args[i] if i < len(node.args) else node.kwargs.get(n) for i, n in enumerate(names)]
         projections = [f"{name}.{p}_proj" for p in "qkv"]
         for layer, argument in zip(projections, given):
             self.order.append(layer)
@@ -473,7 +478,10 @@ class _Analysis:
         self.order.append(out)
         self.read[out] = heads
         heads.consumers.append(Consumer(out, "linear", module.head_dim, module.head_dim))
-        self.pairs[node] = (self._new_group(module.embed_dim, out, "features"), None)
+        output = self._new_group(module.out_proj.out_features, out, "features")
+        if isinstance(module, SelfAttention):
+            return output
+        self.pairs[node] = (output, None)
         return None
 
     def _check_width(self, value: _Tensor, entries: int, node: fx.Node) -> None:

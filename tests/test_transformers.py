@@ -256,3 +256,46 @@ def test_torch_pruning_removes_whole_heads_and_mlp_neurons_of_a_vision_transform
     assert both.get_submodule("encoder.layers.encoder_layer_1.mlp.0").out_features == 20
     with torch.no_grad():
         assert both(x).shape == (3, 10)
+
+
+TIMM_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4, "num_classes": 10}
+
+
+def test_timm_attention_of_the_qkv_layout_becomes_heads_and_compresses_exactly(tmp_path):
+    """timm's vision transformer: one qkv Linear layer and a proj, read by a module with
+    num_heads. It becomes a SelfAttention (checked equal on conversion), whose heads are a group
+    like torchvision's; a variant with extras (q and k normalised) is left as it is and refused."""
+    timm = pytest.importorskip("timm", reason="the test extra installs timm: pip install -e .[test]")
+    from models.attention import SelfAttention
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TIMM_VIT).eval()
+    nn.init.normal_(vit.head.weight)  # timm starts the classifier at zero too
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        before = vit(x)
+        assert separate_attention(vit) == ["blocks.0.attn", "blocks.1.attn"]
+        assert isinstance(vit.blocks[0].attn, SelfAttention)
+        torch.testing.assert_close(vit(x), before, rtol=1e-5, atol=1e-5)
+    analysis = analyse_network(vit)
+    assert block_names(vit, analysis) == {"blocks.0.heads": "blocks.0.attn.out_proj", "blocks.0.mlp": "blocks.0.mlp.fc2",
+                                          "blocks.1.heads": "blocks.1.attn.out_proj", "blocks.1.mlp": "blocks.1.mlp.fc2"}
+    net = vit
+    for layer, zero in (("blocks.0.attn.out_proj", slice(8, 16)), ("blocks.1.mlp.fc2", slice(0, 128, 2))):
+        group = analyse_network(net).group_of(layer)
+        W = net.get_submodule(layer).weight.detach().clone()
+        W[:, zero] = 0
+        with torch.no_grad():
+            zeroed = with_weights(net, {layer: W})(x)
+            net = remove_neurons(net, group, {layer: W})
+            torch.testing.assert_close(net(x), zeroed, rtol=1e-5, atol=1e-5)
+    assert net.blocks[0].attn.num_heads == 3 and net.blocks[1].mlp.fc1.out_features == 64
+    spec = NetworkSpec({"class_path": "timm.models.vision_transformer.VisionTransformer", "init_args": TIMM_VIT}, 10)
+    again = load_network(save_network(net, tmp_path / "timm.pt", spec))  # without the original
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), net(x), rtol=1e-5, atol=1e-5)
+    # q and k normalised: not the function SelfAttention computes, so not converted; refused
+    normed = timm.create_model("vit_tiny_patch16_224", pretrained=False, qk_norm=True, **TIMM_VIT).eval()
+    assert separate_attention(normed) == []
+    with pytest.raises(LayerError, match="reshape"):
+        analyse_network(normed).group_of("blocks.0.attn.proj")
