@@ -43,6 +43,8 @@ class Solver(ABC):
         self.stats, self.lam = stats, check_lambda(lam)
         self.V = V0.detach().to(stats.G).clone()
         self.iterations = 0
+        # time.monotonic() after which a long step returns early (a time limit on the solve); None: never
+        self.deadline: float | None = None
         self._certificate: tuple[int, DualityGap] | None = None
 
     @abstractmethod

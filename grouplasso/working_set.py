@@ -28,11 +28,15 @@ subproblem's duality gap.
 
 One ``step`` is one outer iteration: certify V on the full problem, choose W, solve the
 subproblem. V changes only through these steps, so the state is V alone and a resumed
-run repeats exactly the steps of an uninterrupted one.
+run repeats exactly the steps of an uninterrupted one. A step at a small lambda can take
+tens of seconds (hundreds of columns, thousands of inner iterations); past the solver's
+``deadline`` (a time limit on the solve) it returns after the inner iteration under way, with
+the iterate reached so far.
 """
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
@@ -131,6 +135,8 @@ class WorkingSet(Solver):
         for i in range(1, self.max_inner + 1):
             inner.step()
             if i % check_every == 0 and duality_gap(sub, inner.V, lam).gap <= target:
+                break
+            if self.deadline is not None and time.monotonic() >= self.deadline:
                 break
         V = torch.zeros_like(self.V)
         V[:, columns] = inner.V if basis is None else basis @ inner.V

@@ -21,10 +21,12 @@ an interrupted solve resumes exactly. Convergence is judged by
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Literal, Optional
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Timer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -155,7 +157,12 @@ class LassoCompression(pl.LightningModule):
         return self.hparams.log_every or self.solver.certify_every
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
-        """One solver step; every ``log_every`` steps, check for divergence and log the metrics."""
+        """One solver step; every ``log_every`` steps, check for divergence and log the metrics.
+        Under a time limit (the Trainer's ``max_time``) the solver gets its deadline, so that a
+        long step ends with the limit instead of after it."""
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        remaining = timer.time_remaining("train") if timer is not None else None
+        self.solver.deadline = None if remaining is None else time.monotonic() + remaining
         self.optimizers().step()  # one solver step: gradient step on the MSE, group soft-threshold
         if self.global_step % self.log_every:
             return

@@ -178,3 +178,23 @@ def test_inner_solver_name_is_checked():
         WorkingSet(stats, 0.1, zeros(stats), inner="newton")
     assert WorkingSet(stats, 0.1, zeros(stats)).inner == "bcd"
     assert WorkingSet(stats, 0.1, zeros(stats), inner="fista").inner == "fista"
+
+
+@pytest.mark.parametrize("inner", ["bcd", "fista"])
+def test_a_step_past_its_deadline_returns_after_one_inner_iteration(inner):
+    """A time limit on a solve reaches inside a working-set step (which can run thousands of
+    inner iterations at a small lambda): past the deadline the step ends after the iteration
+    under way, with a valid iterate."""
+    import time
+
+    X, Y, b = patch_problem(7)
+    stats = stats_of(X, Y, b, group=9)
+    lam = 1e-4 * float(lambda_max(stats))
+    free = WorkingSet(stats, lam, zeros(stats), inner=inner, inner_ratio=1e-6)
+    free.step()
+    assert free.metrics()["inner_iterations"] > 5
+    limited = WorkingSet(stats, lam, zeros(stats), inner=inner, inner_ratio=1e-6)
+    limited.deadline = time.monotonic() - 1.0
+    limited.step()
+    assert limited.metrics()["inner_iterations"] == 1
+    assert objective(stats, limited.V, lam) < objective(stats, zeros(stats), lam)  # it still moved

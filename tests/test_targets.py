@@ -241,3 +241,26 @@ def test_the_path_figure_has_one_line_per_method(toy, tmp_path):
     fig = plot_path("4", report["paths"]["4"], report["baselines"]["4"])
     labels = {line.get_label() for line in fig.axes[0].get_lines()}
     assert {"lasso path", "magnitude", "magnitude_refit", "activation", "lasso_refit"} <= labels
+
+
+def test_a_time_limit_gives_the_solver_its_deadline(toy, tmp_path, monkeypatch):
+    """Lightning's max_time is checked after each solver step; the solver also gets the time left
+    as a deadline, which the working-set solver checks inside a step."""
+    import time
+
+    from grouplasso import FISTA, LassoStats
+
+    seen: list = []
+    real = FISTA.step
+    monkeypatch.setattr(FISTA, "step", lambda self: (seen.append(self.deadline), real(self)))
+    g = torch.Generator().manual_seed(0)
+    X = torch.relu(torch.randn(400, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 50, generator=g,
+                                                                                      dtype=torch.float64))
+    stats = LassoStats.from_features(X, X @ torch.randn(50, 5, generator=g, dtype=torch.float64) / 50)
+    runner = pipeline(toy, tmp_path, trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False, max_steps=5))
+    start = time.monotonic()
+    runner.solve(stats, 1e-3, torch.zeros(5, 50), "x", tag="limited", seconds=100.0, solver="fista")
+    assert len(seen) == 5 and all(start < d <= start + 100.0 + 1.0 for d in seen)
+    seen.clear()
+    runner.solve(stats, 1e-3, torch.zeros(5, 50), "x", tag="free", solver="fista")
+    assert seen == [None] * 5
