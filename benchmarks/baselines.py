@@ -85,8 +85,8 @@ def whole_network(args: argparse.Namespace, network: torch.nn.Module, info: dict
         tuned, _ = finetune(saved, NetworkSpec("alexnet", info["num_classes"]), dm, tune, info.get("hparams") or {}, folder,
                             {**TRAINER.distributed(), "enable_progress_bar": False})
         for epochs, net in ((0, pruned), (1, tuned.eval())):
-            test = passes.evaluate(net, "test")[0]
-            train = passes.evaluate(net, "train")[0]
+            test = passes.evaluate(net, "test", once=epochs > 0)[0]  # fine-tuned: new layers before the head
+            train = passes.evaluate(net, "train", once=epochs > 0)[0]
             rows.append({"layer": "pen+last", "method": f"torch_pruning_{importance}", "width": widths,
                          "finetune_epochs": epochs, "test_accuracy": test.accuracy, "train_loss": train.loss})
     for row in rows:

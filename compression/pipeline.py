@@ -680,16 +680,17 @@ class CompressionPipeline:
         self._candidates_logged = step + 1
 
     # --- 3. the result -------------------------------------------------------------------------
-    def profile(self, network: nn.Module, passes: DataPasses, with_val: bool, layers: Sequence[str] = ()
-                ) -> dict[str, Any]:
+    def profile(self, network: nn.Module, passes: DataPasses, with_val: bool, layers: Sequence[str] = (),
+                once: bool = False) -> dict[str, Any]:
         """Accuracy, loss and size of ``network``. Naming the ``layers`` compressed next makes their
-        statistics part of the same pass over the training split (and of the same cache entry)."""
-        train, _ = passes.evaluate(network, "train", layers)
-        test, _ = passes.evaluate(network, "test")
+        statistics part of the same pass over the training split (and of the same cache entry).
+        ``once``: the last look at a network whose layers before the head are new (``DataPasses.evaluate``)."""
+        train, _ = passes.evaluate(network, "train", layers, once=once)
+        test, _ = passes.evaluate(network, "test", once=once)
         shape = self.input_shape
         out = {"train_loss": train.loss, "train_accuracy": train.accuracy, "test_accuracy": test.accuracy}
         if with_val:
-            out["val_accuracy"] = passes.evaluate(network, "val")[0].accuracy
+            out["val_accuracy"] = passes.evaluate(network, "val", once=once)[0].accuracy
         return {**out, "parameters": count_parameters(network), "macs": count_macs(network, shape),
                 "latency_ms": latency_ms(network, shape, batch_size=1), "widths": layer_widths(network)}
 
@@ -708,7 +709,7 @@ class CompressionPipeline:
                                       self.run_dir, self.trainer.distributed())
             report["finetune"] = details
             network = tuned.eval()
-            report["after"] = self.profile(network, passes, with_val)
+            report["after"] = self.profile(network, passes, with_val, once=True)
             if self.is_global_zero:
                 save_network(network, saved, self.spec, layers=report["layers"], finetune=details)
         report["network"] = str(saved)

@@ -129,6 +129,30 @@ class LassoStats:
         groups = torch.as_tensor(groups, device=self.G.device)
         return self.restrict(group_columns(groups, self.group))
 
+    def to_stored(self) -> dict:
+        """The fields as stored on disk (the pass cache): G as its upper triangle, row by row,
+        K (K + 1) / 2 numbers instead of K^2. G is exactly symmetric (``StatsAccumulator.finalize``
+        mirrors one triangle), so this is lossless and halves G's bytes, most of an entry's:
+        0.68 GB -> 0.34 GB for the 9,216 inputs of AlexNet's first classifier layer."""
+        upper = torch.ones(self.K, self.K, dtype=torch.bool, device=self.G.device).triu()
+        return {"G_upper": self.G[upper], "C": self.C, "s": self.s, "n": self.n, "group": self.group,
+                "blocks": self.blocks}
+
+    @classmethod
+    def from_stored(cls, stored: dict) -> "LassoStats":
+        """The statistics ``to_stored`` wrote (or, from an older cache, the fields with G whole)."""
+        fields = dict(stored)
+        if "G_upper" in fields:
+            packed = fields.pop("G_upper")
+            K = int(fields["C"].shape[1])
+            upper = torch.ones(K, K, dtype=torch.bool, device=packed.device).triu()
+            G = torch.zeros(K, K, dtype=packed.dtype, device=packed.device)
+            G[upper] = packed
+            lower = ~upper
+            G[lower] = G.T[lower]  # G[i, j] = G[j, i] below the diagonal
+            fields["G"] = G
+        return cls(**fields)
+
     @classmethod
     def from_features(cls, X: Tensor, Y: Tensor, bias: Optional[Tensor] = None, group: int = 1) -> "LassoStats":
         """All at once from inputs ``X`` (n, K) and outputs ``Y`` (n, D)."""

@@ -141,14 +141,30 @@ class TinyLlama(nn.Module):
         return self.out(h.mean(dim=1))
 
 
-def toy_compress_args(tmp_path: Path, *extra: str) -> list[str]:
-    """compress.py on a trained ``ResidualMLP`` saved in ``tmp_path`` (its class path: rebuilt
-    without the original), ``ToyDataModule``, layers fc2a and out at 0.1 of lambda_max: seconds."""
+class ToyClassifier(nn.Module):
+    """AlexNet's layout at toy size, for ``ToyDataModule``: ``features`` (8 -> 32, ReLU), then a
+    ``classifier`` Sequential 32 -> 48 -> 40 -> 3 with ReLUs that ends the network, so that the
+    compression passes store the classifier's inputs (the head inputs) as they do AlexNet's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(8, 32), nn.ReLU())
+        self.classifier = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 3))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def toy_compress_args(tmp_path: Path, *extra: str, network: type[nn.Module] = ResidualMLP,
+                      layers: str = "[fc2a, out]", lambda_ratios: str = "[0.1]") -> list[str]:
+    """compress.py on an untrained ``network`` (seeded) saved in ``tmp_path`` (its class path:
+    rebuilt without the original), ``ToyDataModule``, ``layers`` at ``lambda_ratios`` of
+    lambda_max: seconds, and kilobytes on disk."""
     torch.manual_seed(0)
-    save_network(ResidualMLP().eval(), tmp_path / "net.pt", NetworkSpec({"class_path": "tests.helpers.ResidualMLP"}, 3))
+    save_network(network().eval(), tmp_path / "net.pt", NetworkSpec({"class_path": f"tests.helpers.{network.__name__}"}, 3))
     return ["--checkpoint", str(tmp_path / "net.pt"), "--data.class_path", "tests.helpers.ToyDataModule",
-            "--data.init_args.root", ".", "--data.init_args.num_workers", "0", "--layers", "[fc2a, out]",
-            "--lambda_ratios", "[0.1]", "--cache_dir", str(tmp_path / "cache"), "--trainer.accelerator", "cpu",
+            "--data.init_args.root", ".", "--data.init_args.num_workers", "0", "--layers", layers,
+            "--lambda_ratios", lambda_ratios, "--cache_dir", str(tmp_path / "cache"), "--trainer.accelerator", "cpu",
             "--trainer.enable_progress_bar", "false", "--convergence.verbose", "false",
             "--trainer.logger.class_path", "pytorch_lightning.loggers.TensorBoardLogger",
             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),

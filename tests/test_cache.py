@@ -16,6 +16,7 @@ import torch
 from compression import cache
 from compression.cache import CacheSpaceError, entry_path, load_entry, main, save_entry
 from compression.features import BlockFeatures, FeatureWriter
+from grouplasso import LassoStats
 
 
 @pytest.fixture(autouse=True)
@@ -69,6 +70,28 @@ def test_the_least_recently_used_entry_goes_first_and_reading_makes_an_entry_rec
     save_entry(tmp_path, description(4), stats(), max_bytes=limit)
     assert [p.is_file() for p in paths] == [True, False, False]
     assert cache.counts.evicted == 2 * size
+
+
+def test_a_file_that_describes_something_else_is_ignored_never_trusted(tmp_path):
+    path = save_entry(tmp_path, description(0), stats())
+    assert load_entry(tmp_path, description(0)) is not None
+    saved = torch.load(path, weights_only=True)
+    saved["description"]["samples"] += 1  # the file now claims other samples
+    torch.save(saved, path)
+    assert load_entry(tmp_path, description(0)) is None
+
+
+def test_statistics_are_stored_as_half_of_g_and_read_back_exactly(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(300, 120, generator=g, dtype=torch.float64), torch.randn(300, 2, generator=g, dtype=torch.float64)
+    layer = LassoStats.from_features(torch.relu(X), Y, group=3)
+    whole = save_entry(tmp_path / "whole", description(0), {"stats": {"x": {**vars(layer)}}}).stat().st_size
+    half = save_entry(tmp_path / "half", description(0), {"stats": {"x": layer.to_stored()}}).stat().st_size
+    assert half < 0.55 * whole  # G is 120 x 120, C only 2 x 120
+    for folder in ("whole", "half"):  # the older whole-G entries still read
+        back = LassoStats.from_stored(load_entry(tmp_path / folder, description(0))["stats"]["x"])
+        assert torch.equal(back.G, layer.G) and torch.equal(back.C, layer.C)
+        assert (back.s, back.n, back.group) == (layer.s, layer.n, layer.group)
 
 
 def test_the_limit_holds_after_many_writes_of_both_kinds(tmp_path):

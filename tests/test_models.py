@@ -55,8 +55,8 @@ def test_alexnet_loads_a_plain_torchvision_state_dict(tmp_path):
 
 
 def test_round_trip_of_the_project_format(tmp_path):
-    model = build_model("vgg19", num_classes=7).eval()
-    save_network(model, tmp_path / "net.pt", NetworkSpec("vgg19", 7))
+    model = build_model("resnet20", num_classes=7).eval()
+    save_network(model, tmp_path / "net.pt", NetworkSpec("resnet20", 7))
     again = load_network(tmp_path / "net.pt")
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(again(x), model(x))
