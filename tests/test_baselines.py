@@ -247,7 +247,7 @@ def test_a_dead_neuron_kept_by_magnitude_keeps_its_weights_after_the_refit():
 # --------------------------------------------------------------------------------------------
 
 def _tp():
-    return pytest.importorskip("torch_pruning", reason="the Torch-Pruning baseline needs pip install -e .[bench]")
+    return pytest.importorskip("torch_pruning", reason="the Torch-Pruning baseline needs pip install -e .[test] (or .[bench])")
 
 
 def _kept_rows(before: torch.Tensor, after: torch.Tensor) -> list[int]:

@@ -230,7 +230,7 @@ def test_a_vision_transformer_trained_on_fashion_mnist_compresses_its_mlps_and_h
 def test_torch_pruning_removes_whole_heads_and_mlp_neurons_of_a_vision_transformer():
     """Torch-Pruning at the lasso's widths on a ViT: its group importance averaged over each
     head's units (as its pruners do with prune_num_heads), the lowest heads removed whole."""
-    pytest.importorskip("torch_pruning", reason="the Torch-Pruning baseline needs pip install -e .[bench]")
+    pytest.importorskip("torch_pruning", reason="the Torch-Pruning baseline needs pip install -e .[test] (or .[bench])")
     from compression.baselines import torch_pruning_at_widths, torch_pruning_network
 
     vit = small_vit()
