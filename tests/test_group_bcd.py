@@ -3,6 +3,8 @@ inner solver for g > 1: against cvxpy, on a badly conditioned patch Gram, resuma
 g = 1 path left on FISTA."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -185,8 +187,6 @@ def test_a_step_past_its_deadline_returns_after_one_inner_iteration(inner):
     """A time limit on a solve reaches inside a working-set step (which can run thousands of
     inner iterations at a small lambda): past the deadline the step ends after the iteration
     under way, with a valid iterate."""
-    import time
-
     X, Y, b = patch_problem(7)
     stats = stats_of(X, Y, b, group=9)
     lam = 1e-4 * float(lambda_max(stats))

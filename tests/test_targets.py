@@ -2,6 +2,7 @@
 paper's absolute setting, and bad input. Pipeline runs on a small synthetic task (seconds)."""
 from __future__ import annotations
 
+import time
 from functools import partial
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from compression.passes import DataPasses
 from compression.pipeline import CompressionPipeline
 from compression.report import format_report, plot_path, write_report
 from compression.settings import Target, TrainerSettings
+from grouplasso import FISTA, LassoStats
 from lightning_modules.lasso import LassoCompression
 from models.registry import NetworkSpec
 from tests.helpers import ToyDataModule, toy_network
@@ -131,13 +133,17 @@ def test_a_width_search_under_a_time_limit_stops_the_solve_under_way_and_returns
     assert exact.width == 30 and set(given) == {None}
 
 
-def test_a_solve_stopped_by_its_time_limit_is_not_kept_as_finished(toy, tmp_path):
-    from grouplasso import LassoStats
-
+def relu_problem(K: int = 300, D: int = 20) -> LassoStats:
+    """Statistics of a seeded problem: inputs X = relu(Z A) (400 samples, K of rank 8), outputs
+    X B / K (D)."""
     g = torch.Generator().manual_seed(0)
-    X = torch.relu(torch.randn(400, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 300, generator=g,
+    X = torch.relu(torch.randn(400, 8, generator=g, dtype=torch.float64) @ torch.randn(8, K, generator=g,
                                                                                        dtype=torch.float64))
-    stats = LassoStats.from_features(X, X @ torch.randn(300, 20, generator=g, dtype=torch.float64) / 300)
+    return LassoStats.from_features(X, X @ torch.randn(K, D, generator=g, dtype=torch.float64) / K)
+
+
+def test_a_solve_stopped_by_its_time_limit_is_not_kept_as_finished(toy, tmp_path):
+    stats = relu_problem()
     runner = pipeline(toy, tmp_path, make_convergence=partial(Convergence, tol=1e-14, verbose=False),
                       trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False, max_steps=10 ** 7))
     solution = runner.solve(stats, 1e-6, torch.zeros(20, 300), "x", tag="timed", seconds=1.0, solver="fista")
@@ -154,16 +160,11 @@ def test_a_solve_stopped_by_its_time_limit_is_not_kept_as_finished(toy, tmp_path
 def test_a_solve_checkpoints_for_resuming_only(toy, tmp_path, monkeypatch):
     """Checkpoints every checkpoint_every steps, but none when the solve ends (Lightning's
     save_last would write one there, only for the pipeline to delete it)."""
-    from grouplasso import LassoStats
-
     saved: list[int] = []
     real = pl.Trainer.save_checkpoint
     monkeypatch.setattr(pl.Trainer, "save_checkpoint", lambda self, *a, **k: (saved.append(self.global_step),
                                                                               real(self, *a, **k)))
-    g = torch.Generator().manual_seed(0)
-    X = torch.relu(torch.randn(400, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 300, generator=g,
-                                                                                       dtype=torch.float64))
-    stats = LassoStats.from_features(X, X @ torch.randn(300, 20, generator=g, dtype=torch.float64) / 300)
+    stats = relu_problem()
     runner = pipeline(toy, tmp_path, make_convergence=partial(Convergence, tol=1e-14, verbose=False),
                       trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False, max_steps=25),
                       checkpoint_every=10)
@@ -246,17 +247,10 @@ def test_the_path_figure_has_one_line_per_method(toy, tmp_path):
 def test_a_time_limit_gives_the_solver_its_deadline(toy, tmp_path, monkeypatch):
     """Lightning's max_time is checked after each solver step; the solver also gets the time left
     as a deadline, which the working-set solver checks inside a step."""
-    import time
-
-    from grouplasso import FISTA, LassoStats
-
     seen: list = []
     real = FISTA.step
     monkeypatch.setattr(FISTA, "step", lambda self: (seen.append(self.deadline), real(self)))
-    g = torch.Generator().manual_seed(0)
-    X = torch.relu(torch.randn(400, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 50, generator=g,
-                                                                                      dtype=torch.float64))
-    stats = LassoStats.from_features(X, X @ torch.randn(50, 5, generator=g, dtype=torch.float64) / 50)
+    stats = relu_problem(K=50, D=5)
     runner = pipeline(toy, tmp_path, trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False, max_steps=5))
     start = time.monotonic()
     runner.solve(stats, 1e-3, torch.zeros(5, 50), "x", tag="limited", seconds=100.0, solver="fista")
