@@ -6,15 +6,21 @@ For each network (trained here on Fashion-MNIST by ``train.py --config <net>_fas
   refit by least squares, the budget shared by multiply-adds saved per validation image lost)
   at a 1-point budget and at a larger one, each followed by 1 epoch of fine-tuning (the
   ``Classifier`` at 0.1 x the training learning rate);
-- the same 1-point budget with the cumulative share (``--target.share cumulative``: layer i of
-  n may lose i/n of it), and over the internal widths alone (the groups with one producer:
-  what the coupled residual channels add);
+- at the first budget, without fine-tuning, the other ways of sharing it (``--comparisons``):
+  ``knapsack`` (``--target.share macs``: every group's candidates judged alone on the original
+  network, chosen together), ``cumulative`` and ``layer_by_layer`` (``--target.share
+  cumulative``: the groups in network order on the network compressed so far, layer i of n
+  may lose i/n of the budget; each refit reproducing the current network's outputs, or the
+  original's, ``--target.refit_to``), and ``internal`` (the internal widths alone, the groups
+  with one producer: what the coupled residual channels add); a comparison that repeats the
+  config's own way is still run, as its own row;
 - Torch-Pruning (group magnitude and Taylor importance, through its own dependency graph)
   pruning every group to the widths of each lasso run, with 0 and 1 epoch of the same
   fine-tuning;
 - batch-1 CPU latency of every network, measured in turns in one process at the end.
 
     python -m benchmarks.architectures --network resnet56 [--checkpoint ...] [--budgets 1 2] [--finetune_epochs 0]
+        [--comparisons knapsack internal]
 
 Writes ``benchmarks/results/architectures.json``: one row per network, method and fine-tuning
 length, ``{network, method, finetune_epochs, widths, macs_before, macs_after,
@@ -148,18 +154,27 @@ def main_runs(args: argparse.Namespace, work: Path, describe: Optional[Describe]
                                     trainer)
                 add(f"torch_pruning_{importance}", args.finetune_epochs, tuned, widths, budget)
     budget = args.budgets[0]
-    if args.no_comparisons:
-        return finish(rows, networks, runs, shape, work, images)
-    report, seconds = lasso_run(args, work, f"cumulative{budget:g}", "--target.max_accuracy_drop", str(budget),
-                                "--target.share", "cumulative")
-    add("lasso_refit, cumulative share", 0, load_network(report["network"]), record(f"cumulative{budget:g}", report,
-                                                                                     seconds), budget, seconds=seconds)
-    internal = internal_layers(args.checkpoint)
-    report, seconds = lasso_run(args, work, f"internal{budget:g}", "--target.max_accuracy_drop", str(budget),
-                                "--layers", json.dumps(internal))
-    add("lasso_refit, internal widths only", 0, load_network(report["network"]),
-        record(f"internal{budget:g}", report, seconds), budget, seconds=seconds)
+    for name in args.comparisons:
+        method, options = COMPARISONS[name]
+        if name == "internal":
+            options = ["--layers", json.dumps(internal_layers(args.checkpoint))]
+        report, seconds = lasso_run(args, work, f"{name}{budget:g}", "--target.max_accuracy_drop", str(budget),
+                                    "--finetune.epochs", "0", *options)
+        add(method, 0, load_network(report["network"]), record(f"{name}{budget:g}", report, seconds), budget,
+            seconds=seconds)
     return finish(rows, networks, runs, shape, work, images)
+
+
+#: The runs beside the network's own config, at the first budget, without fine-tuning: name ->
+#: (the method's row label, compress.py options).
+COMPARISONS = {
+    "knapsack": ("lasso_refit, knapsack over every group's candidates", ["--target.share", "macs"]),
+    "cumulative": ("lasso_refit, layer by layer, refit to the current network",
+                   ["--target.share", "cumulative", "--target.refit_to", "current"]),
+    "layer_by_layer": ("lasso_refit, layer by layer, refit to the original",
+                       ["--target.share", "cumulative", "--target.refit_to", "original"]),
+    "internal": ("lasso_refit, internal widths only", []),  # the layers are the single-producer ones
+}
 
 
 def finish(rows: list[dict], networks: dict[str, torch.nn.Module], runs: dict, shape: tuple, work: Path,
@@ -187,8 +202,8 @@ def main() -> None:
                              "over the internal widths alone")
     parser.add_argument("--finetune_epochs", type=int, default=1,
                         help="fine-tuning after the lasso runs at each budget and after Torch-Pruning (0: none)")
-    parser.add_argument("--no_comparisons", action="store_true",
-                        help="leave out the cumulative-share and internal-widths-only runs")
+    parser.add_argument("--comparisons", nargs="*", choices=sorted(COMPARISONS), default=list(COMPARISONS),
+                        help="runs beside the config's own at the first budget (none: --comparisons with no value)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/architectures.json"))
     args = parser.parse_args()
     args.checkpoint = args.checkpoint or CHECKPOINTS[args.network]

@@ -128,17 +128,24 @@ class DataPasses:
         return features
 
     def evaluate(self, network: nn.Module, split: str, layers: Sequence[str] = (),
-                 once: bool = False) -> tuple[PassResult, float]:
+                 once: bool = False, targets: Optional[nn.Module] = None,
+                 output_index: Optional[dict[str, Tensor]] = None) -> tuple[PassResult, float]:
         """Loss and accuracy of ``network`` on ``split`` (and the statistics of ``layers``, module
         paths inside the head, all in the same pass), from the cache when possible; returns the
         result and the seconds spent (0 for a cache hit). ``once``: no other pass will read this
         network's head inputs (a fine-tuned network, whose layers before the head changed):
         the whole network reads the data set and nothing is stored but the result (storing
-        AlexNet's head inputs of 8,192 training images would write 0.3 GB to read them once)."""
+        AlexNet's head inputs of 8,192 training images would write 0.3 GB to read them once).
+        ``targets``, ``output_index``: the statistics' outputs are the ``targets`` network's (the
+        original, for a partly compressed ``network``; see ``NetworkPass``)."""
         layers = tuple(layers)
+        targets = None if targets is network or not layers else targets
         description = describe(network, layers, self.datamodule, split, limit=self._limit(split))
         if self.conv_sampling and any(isinstance(network.get_submodule(layer), nn.Conv2d) for layer in layers):
             description["conv_sampling"] = repr(sorted(self.conv_sampling.items()))
+        if targets is not None:
+            index = {layer: output_index[layer].tolist() for layer in layers if output_index and layer in output_index}
+            description["targets"] = describe(targets, layers, self.datamodule, split)["weights"] + repr(index)
         key = repr(sorted(description.items()))
         if key in self._done:  # computed earlier in this run: the time it took then
             return self._done[key]
@@ -146,6 +153,8 @@ class DataPasses:
             return _from_entry(hit), 0.0
         start = time.perf_counter()
         head = "" if once else self.head
+        if head and targets is not None and not self._same_front(network, targets, split):
+            head = ""  # the stored head inputs are ``network``'s, not the reference's: read the images
         if head:
             features = self.features(network, split)
             start = time.perf_counter()
@@ -154,15 +163,26 @@ class DataPasses:
         else:  # the whole network: read the data set (sharded by the Trainer under DDP)
             trainer, loader = self.trainer.data_parallel(), self.loader(split)
         result = run_pass(trainer, network.get_submodule(head), loader,
-                          [relative_name(head, layer) for layer in layers], **self.conv_sampling)
+                          [relative_name(head, layer) for layer in layers], **self.conv_sampling,
+                          targets=None if targets is None else targets.get_submodule(head),
+                          output_index={relative_name(head, layer): index
+                                        for layer, index in (output_index or {}).items() if layer in layers})
         if result.stats is not None:
             result.stats = {layer: result.stats[relative_name(head, layer)] for layer in layers}
         network.cpu()
+        if targets is not None:
+            targets.cpu()
         seconds = time.perf_counter() - start
         if self.cache_dir and trainer.is_global_zero:
             save_entry(self.cache_dir, description, _to_entry(result), max_bytes=self.cache_max_bytes)
         self._done[key] = (result, seconds)
         return result, seconds
+
+    def _same_front(self, network: nn.Module, other: nn.Module, split: str) -> bool:
+        """Whether the two networks compute the same head inputs (the same weights before the head)."""
+        def front(model: nn.Module) -> str:
+            return describe(model, [], self.datamodule, split, skip_prefix=self.head)["weights"]
+        return front(network) == front(other)
 
     def cut_inputs(self, network: nn.Module, split: str, layers: Sequence[str],
                    limit: Optional[int] = None) -> "CutInputs":

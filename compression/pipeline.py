@@ -41,6 +41,7 @@ from compression.baselines import IMPORTANCES, equal_width_weights, torch_prunin
 from compression.finetune import FinetuneSettings, finetune
 from compression.layer_problem import LayerProblem
 from compression.passes import CutInputs, DataPasses, head_of
+from compression.reference import ReferenceOutputs
 from compression.search import Candidate, LambdaSearch
 from compression.settings import Target, TrainerSettings
 from grouplasso import LassoStats, active_columns, active_groups, check_lambda, debias, lambda_max, mse, objective
@@ -348,13 +349,17 @@ class CompressionPipeline:
         return debias(stats, V) if self.debias else V
 
     # --- 2. one group ------------------------------------------------------------------------
-    def layer_problem(self, network: nn.Module, module: str, passes: DataPasses
-                      ) -> tuple[NeuronGroup, LayerProblem, float]:
+    def layer_problem(self, network: nn.Module, module: str, passes: DataPasses,
+                      targets: Optional[ReferenceOutputs] = None) -> tuple[NeuronGroup, LayerProblem, float]:
         """The group feeding ``module``, its problem on the training split's statistics (its
         consumers' problems, grouped by channel, folded where inputs repeat, stacked when several
-        layers read the group), and the seconds the statistics took (0 from the cache)."""
+        layers read the group), and the seconds the statistics took (0 from the cache).
+        ``targets``: the consumers' outputs in the statistics are the original network's
+        (``compression.reference``), not ``network``'s own."""
         group = analyse_layer(network, module)
-        train, seconds = passes.evaluate(network, "train", [c.name for c in group.consumers])
+        train, seconds = passes.evaluate(network, "train", [c.name for c in group.consumers],
+                                         **({} if targets is None else {"targets": targets.network,
+                                                                        "output_index": targets.output_index}))
         return group, LayerProblem.of_group(network, group, train.stats), seconds
 
     def _entry(self, network: nn.Module, plan: LayerPlan, group: NeuronGroup, problem: LayerProblem,
@@ -392,11 +397,16 @@ class CompressionPipeline:
         return V
 
     def compress_layer(self, network: nn.Module, plan: LayerPlan, passes: DataPasses, reference: dict[str, Any],
-                       path: Optional[list[float]], path_ratios: Optional[list[float]]) -> tuple[nn.Module, dict]:
-        """Statistics, lambda, solve, surgery for one group; returns the smaller network and the report entry."""
-        group, problem, stats_seconds = self.layer_problem(network, plan.module, passes)
+                       path: Optional[list[float]], path_ratios: Optional[list[float]],
+                       targets: Optional[ReferenceOutputs] = None) -> tuple[nn.Module, dict]:
+        """Statistics, lambda, solve, surgery for one group; returns the smaller network and the
+        report entry. ``targets``: refit to the original network's outputs (and record the
+        channels this group keeps in it)."""
+        group, problem, stats_seconds = self.layer_problem(network, plan.module, passes, targets)
         stats = problem.stats
         entry = self._entry(network, plan, group, problem, stats_seconds, passes)
+        if targets is not None and targets.network is not network:
+            entry["refit_to"] = "original"
         top = entry["lambda_max"]
         consumers = [c.name for c in group.consumers]
         rows = None
@@ -429,6 +439,8 @@ class CompressionPipeline:
         for r in rows or []:
             r.pop("V", None)
         V = self._finish_entry(entry, problem, solution, V)
+        if targets is not None:
+            targets.removed(group, entry["kept_indices"])
         return remove_neurons(network, group, problem.weights(V)).eval(), entry
 
     def compare_baselines(self, network: nn.Module, group: NeuronGroup, problem: LayerProblem, plan: LayerPlan,
@@ -775,9 +787,10 @@ class CompressionPipeline:
             network, report["layers"], report["allocation"] = self.allocate(network, plans, passes_for,
                                                                             report["before"], analysis)
         else:
+            targets = ReferenceOutputs(self.network) if target.refit_to == "original" else None
             for plan in plans:
                 network, entry = self.compress_layer(network, plan, passes_for(consumers(plan)), report["before"],
-                                                     path, path_ratios)
+                                                     path, path_ratios, targets)
                 report["layers"].append(entry)
         report["paths"] = {e["layer"]: e.pop("path") for e in report["layers"] if "path" in e}
         report["baselines"] = {e["layer"]: e.pop("baselines") for e in report["layers"] if "baselines" in e}

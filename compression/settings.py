@@ -74,12 +74,19 @@ class Target:
             network compressed so far, may bring the loss to i/n of the budget.
         candidate_images: with ``share: macs``, judge each layer's candidates on the first this
             many validation images only (None: all); the chosen set is re-validated on all.
+        refit_to: when layers are compressed one after the other (``share: cumulative``, a
+            width, lambdas), what a later layer's refit reproduces: ``current``, its outputs in
+            the network compressed so far; ``original``, the original network's outputs, from
+            the compressed network's inputs, so that each refit also corrects the error made
+            upstream (``compression.reference``; one more forward pass of the original per
+            statistics pass).
     """
 
     max_accuracy_drop: Optional[float] = None
     width: Optional[list[int]] = None
     share: Literal["macs", "cumulative"] = "macs"
     candidate_images: Optional[int] = None
+    refit_to: Literal["current", "original"] = "current"
 
     @property
     def is_set(self) -> bool:

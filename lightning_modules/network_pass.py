@@ -13,6 +13,7 @@ sampler: no sample is counted twice) and sums are all-reduced at the end.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Optional, Sequence
@@ -51,15 +52,28 @@ class NetworkPass(pl.LightningModule):
     of each image (without replacement, reproducibly from ``seed``) instead of using all of
     them; the statistics' ``n`` is then images * positions (all positions when the output has
     no more).
+
+    ``targets``: the outputs y of the statistics are taken from this other network instead
+    (the original, when ``network`` is a partly compressed copy of it): each named layer's
+    output in ``targets`` on the same batch, its units ``output_index[layer]`` where the layer
+    has lost some (indices into the reference layer's outputs; absent: all). The inputs x stay
+    ``network``'s own, so C = mean (y_ref - b) x^T asks the layer to reproduce the original's
+    output from the compressed network's inputs, correcting the error made upstream. Such a
+    pass is for the statistics alone: both networks stop at the last named layer (a layer in
+    the first half of a ResNet costs half a forward pass), and loss and accuracy are NaN.
     """
 
     def __init__(self, network: nn.Module, layers: Sequence[str] = (), positions: Optional[int] = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, targets: Optional[nn.Module] = None,
+                 output_index: Optional[dict[str, Tensor]] = None) -> None:
         super().__init__()
         self.network = network
+        self.targets = None if targets is network else targets  # the network itself: its own outputs
+        self.output_index = dict(output_index or {})
         self.layers = tuple(layers)
         self.positions, self.seed = positions, seed
         self.result: Optional[PassResult] = None
+        self._target: dict[str, Tensor] = {}
 
     def on_predict_start(self) -> None:
         """Eval mode, zeroed sums, and a statistics hook on every named layer."""
@@ -71,6 +85,11 @@ class NetworkPass(pl.LightningModule):
         self._accumulators: dict[str, StatsAccumulator | ConvStatsAccumulator] = {}
         self._hooks = []
         self._batch = 0
+        if self.targets is not None:
+            self.targets.eval()
+            for layer in self.layers:
+                module = self.targets.get_submodule(layer)
+                self._hooks.append(module.register_forward_hook(partial(self._keep_target, layer)))
         for index, layer in enumerate(self.layers):
             module = self.network.get_submodule(layer)
             if isinstance(module, nn.Conv2d):  # refuses the convolutions grouplasso.conv cannot unfold
@@ -92,18 +111,45 @@ class NetworkPass(pl.LightningModule):
             raise FloatingPointError(f"batch {self._batch} gives non-finite inputs or outputs at {layer!r} (NaN or "
                                      "inf): check the data (its transform and normalisation) and the network's weights")
 
+    def _keep_target(self, layer: str, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        # A copy: a later in-place ReLU of the reference would overwrite ``output``.
+        index = self.output_index.get(layer)
+        dim = 1 if isinstance(module, nn.Conv2d) else -1
+        self._target[layer] = (output if index is None else output.index_select(dim, index.to(output.device))
+                               ).detach().clone()
+        self._stop_when_all_seen(self._seen_targets, layer)
+
+    def _output(self, layer: str, output: Tensor) -> Tensor:
+        """What the statistics take as the layer's output: its own, or the reference's."""
+        if self.targets is None:
+            return output.detach()
+        target = self._target.pop(layer)
+        if target.shape != output.shape:
+            raise ValueError(f"{layer!r}: the reference network's output {tuple(target.shape)} does not match the "
+                             f"compressed one's {tuple(output.shape)}; give the kept output units in output_index")
+        return target
+
+    def _stop_when_all_seen(self, seen: set[str], layer: str) -> None:
+        """With ``targets``, the rest of a forward pass is not needed once every layer has fired."""
+        seen.add(layer)
+        if self.targets is not None and len(seen) == len(self.layers):
+            raise _Reached
+
     def _capture(self, layer: str, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         # Consumed right here: the next in-place ReLU would overwrite ``output``.
         self._check(layer, inputs[0], output)
         x = inputs[0]
         if isinstance(module, IndexedLinear):
             x = x.index_select(-1, module.index)
-        self._accumulators[layer].update(x.detach().reshape(-1, x.shape[-1]), output.detach().reshape(-1, output.shape[-1]))
+        y = self._output(layer, output)
+        self._accumulators[layer].update(x.detach().reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]))
+        self._stop_when_all_seen(self._seen, layer)
 
     def _capture_conv(self, layer: str, module: nn.Conv2d, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         # Consumed right here, like ``_capture`` (patches fed in chunks: bounded memory).
         self._check(layer, inputs[0], output)
-        self._accumulators[layer].update(inputs[0].detach(), output.detach())
+        self._accumulators[layer].update(inputs[0].detach(), self._output(layer, output))
+        self._stop_when_all_seen(self._seen, layer)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> int:
         """Forward one batch (the hooks accumulate the statistics) and add to the sums; returns the
@@ -111,6 +157,18 @@ class NetworkPass(pl.LightningModule):
         and a ``None`` would make it warn on every pass)."""
         images, labels = batch
         self._batch = batch_idx
+        self._seen, self._seen_targets = set(), set()
+        if self.targets is not None:  # statistics only: both forward passes stop at the last named layer
+            try:
+                self.targets(images)  # its hooks keep the named layers' outputs for the captures below
+            except _Reached:
+                pass
+            try:
+                self.network(images)
+            except _Reached:
+                pass
+            self._sums["n"] += len(labels)
+            return len(labels)
         logits = self.network(images)
         if not bool(torch.isfinite(logits).all()):
             raise FloatingPointError(f"batch {batch_idx} gives non-finite outputs (NaN or inf): check the data (its "
@@ -133,7 +191,9 @@ class NetworkPass(pl.LightningModule):
             for layer, accumulator in self._accumulators.items():
                 accumulator.all_reduce(reduce)
                 stats[layer] = accumulator.finalize()
-        self.result = PassResult(loss=float(sums["loss"]) / n, accuracy=float(sums["correct"]) / n, n=n, stats=stats)
+        loss, accuracy = (math.nan, math.nan) if self.targets is not None else (float(sums["loss"]) / n,
+                                                                               float(sums["correct"]) / n)
+        self.result = PassResult(loss=loss, accuracy=accuracy, n=n, stats=stats)
 
     def _reduce_sum(self, tensor: Tensor) -> Tensor:
         if self.trainer.world_size == 1:
@@ -142,14 +202,16 @@ class NetworkPass(pl.LightningModule):
 
 
 def run_pass(trainer: pl.Trainer, network: nn.Module, loader: Any, layers: Sequence[str] = (),
-             positions: Optional[int] = None, seed: int = 0) -> PassResult:
+             positions: Optional[int] = None, seed: int = 0, targets: Optional[nn.Module] = None,
+             output_index: Optional[dict[str, Tensor]] = None) -> PassResult:
     """Evaluate ``network`` over ``loader`` (and collect the statistics of ``layers``) with
-    ``trainer``; ``positions``, ``seed``: a Conv2d layer's position sampling (see ``NetworkPass``).
+    ``trainer``; ``positions``, ``seed``: a Conv2d layer's position sampling; ``targets``,
+    ``output_index``: the statistics' outputs from that reference network (see ``NetworkPass``).
 
     Make ``trainer`` with ``inference_mode=False`` (gradients are still off): statistics
     created under inference mode could not be updated in place later.
     """
-    module = NetworkPass(network, layers, positions=positions, seed=seed)
+    module = NetworkPass(network, layers, positions=positions, seed=seed, targets=targets, output_index=output_index)
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     if module.result is None:  # Lightning skips the epoch hooks when there are no batches
         require_samples(0)
@@ -161,6 +223,10 @@ def require_samples(n: int) -> int:
     if n <= 0:
         raise ValueError("the data set is empty: nothing to evaluate or to compress (check the data config)")
     return n
+
+
+class _Reached(Exception):
+    """Raised by a hook once a statistics-only pass has seen every layer it needs."""
 
 
 class _HeadReached(Exception):

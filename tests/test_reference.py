@@ -1,0 +1,141 @@
+"""Refits aimed at the original network's outputs (``--target.refit_to original``).
+
+Layer by layer, a later layer's statistics pair the compressed network's inputs with the
+original network's outputs (``compression.reference``). The oracle is least squares on the raw
+samples: the compressed layer's weight must be argmin_V ||Y_orig - b - X_comp[:, S] V^T||,
+computed here with numpy from the two networks' activations, not from the statistics.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compress import main as compress
+from models.checkpoints import load_network, save_network
+from models.registry import NetworkSpec
+from tests.helpers import ResidualMLP, ToyDataModule, ToyMLP, toy_compress_args, toy_network, train_on_toy
+
+
+def _activations(network: nn.Module, X: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and outputs of ``layer`` over ``X``."""
+    seen = {}
+    hook = network.get_submodule(layer).register_forward_hook(
+        lambda m, i, o: seen.update(x=i[0].detach().clone(), y=o.detach().clone()))
+    with torch.no_grad():
+        network(X)
+    hook.remove()
+    return seen["x"].double(), seen["y"].double()
+
+
+def _training_inputs() -> torch.Tensor:
+    """The samples the statistics are computed on: ToyDataModule's training split (validation held out)."""
+    dm = ToyDataModule(root=".", num_workers=0)
+    dm.setup("fit")
+    return torch.stack([dm.train_eval_set[i][0] for i in range(len(dm.train_eval_set))])
+
+
+def _compress(tmp_path, network: nn.Module, cls: type, *extra: str, **kwargs) -> tuple[dict, nn.Module]:
+    args = toy_compress_args(tmp_path, "--debias", "true", *extra, network=cls, **kwargs)
+    save_network(network, tmp_path / "net.pt", NetworkSpec({"class_path": f"tests.helpers.{cls.__name__}"}, 3))
+    report = compress(args)
+    return report, load_network(tmp_path / "runs" / "disk" / "run" / "compressed.pt").eval()
+
+
+def test_later_refit_reproduces_the_original_outputs_from_the_compressed_inputs(tmp_path):
+    """Two layers of a trained MLP at fixed widths: the second layer's weight is the least-squares
+    fit of the original network's outputs on the compressed network's inputs (numpy oracle), and
+    the compressed network's logits are closer to the original's than when each refit reproduces
+    the network compressed so far."""
+    original = toy_network()
+    runs = {}
+    for refit_to in ("original", "current"):
+        runs[refit_to] = _compress(tmp_path / refit_to, original, ToyMLP, "--target.refit_to", refit_to,
+                                   "--lambda_ratios", "null", "--target.width", "[12, 8]", layers='["2", "4"]')
+    report, compressed = runs["original"]
+    assert [e["width_after"] for e in report["layers"]] == [12, 8]
+    assert "refit_to" not in report["layers"][0] and report["layers"][1]["refit_to"] == "original"
+    X = _training_inputs()
+    x_comp, _ = _activations(compressed, X, "4")
+    _, y_orig = _activations(original, X, "4")
+    kept = report["layers"][1]["kept_indices"]
+    # the compressed layer reads the kept neurons only, in order
+    assert compressed.get_submodule("4").in_features == len(kept)
+    b = original.get_submodule("4").bias.detach().double()
+    oracle, *_ = np.linalg.lstsq(x_comp.numpy(), (y_orig - b).numpy(), rcond=None)
+    np.testing.assert_allclose(compressed.get_submodule("4").weight.detach().double().numpy(), oracle.T,
+                               rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        target = original(X)
+        errors = {k: float((net(X) - target).square().mean()) for k, (_, net) in runs.items()}
+    assert errors["original"] < errors["current"], errors
+
+
+def test_coupled_stream_after_an_internal_width_reads_the_original_at_the_kept_units(tmp_path):
+    """ResidualMLP: fc2a's group (fc1a's outputs) first, then the residual stream, whose
+    consumers include fc1a, which lost outputs in the first step: its original outputs are read
+    at the units it kept. The stream's problem is the three consumers' original outputs, so the
+    whole network stays closer to the original than with refits to the current network."""
+    torch.manual_seed(0)
+    original = train_on_toy(ResidualMLP())
+    runs = {refit_to: _compress(tmp_path / refit_to, original, ResidualMLP, "--target.refit_to", refit_to,
+                                lambda_ratios="[0.05, 0.1]") for refit_to in ("original", "current")}
+    report, compressed = runs["original"]
+    widths = [e["width_after"] for e in report["layers"]]
+    assert widths == [e["width_after"] for e in runs["current"][0]["layers"]] and widths[0] < 48 and widths[1] < 32
+    assert compressed.fc1a.out_features == widths[0] and compressed.out.in_features == widths[1]
+    X = _training_inputs()
+    with torch.no_grad():
+        target = original(X)
+        errors = {k: float((net(X) - target).square().mean()) for k, (_, net) in runs.items()}
+    assert errors["original"] < errors["current"], errors
+
+
+def test_output_units_of_a_layer_that_lost_some_are_required(tmp_path):
+    """A reference network whose layer has more outputs than the compressed one's, without the
+    kept units, is refused with the fix named (not silently misaligned)."""
+    from lightning_modules.network_pass import NetworkPass
+    original = ToyMLP()
+    smaller = ToyMLP()
+    smaller[0] = nn.Linear(8, 40)
+    smaller[2] = nn.Linear(40, 40)
+    module = NetworkPass(smaller, ["0"], targets=original)
+    module.on_predict_start()
+    with pytest.raises(ValueError, match="output_index"):
+        module.predict_step((torch.randn(4, 8), torch.zeros(4, dtype=torch.long)), 0)
+
+
+def test_convolution_statistics_pair_compressed_patches_with_the_original_kept_channels():
+    """ResNet-20 with two of layer1's stream channels removed, then layer1.1.conv2's statistics
+    against the original: its output channels (stream channels, now 14 of 16) are read from the
+    original at the kept ones, its input patches from the compressed network (explicit patches,
+    no F.unfold, as in test_conv_stats)."""
+    from compression.reference import ReferenceOutputs
+    from lightning_modules.network_pass import run_pass
+    from models.dependency import analyse_network
+    from models.registry import build_model
+    from models.surgery import remove_neurons
+    from tests.test_conv_stats import assert_stats, explicit_patches, plain_stats, trainer
+    from tests.test_dependency import zeroed_weights
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    original = build_model("resnet20").double().eval()
+    stream = analyse_network(original).group_of("layer1.0.conv1")
+    dead = torch.tensor([3, 9])
+    compressed = remove_neurons(original, stream, zeroed_weights(original, stream, dead)).eval()
+    reference = ReferenceOutputs(original)
+    kept = [c for c in range(16) if c not in dead.tolist()]
+    reference.removed(stream, kept)
+    assert reference.output_index["layer1.1.conv2"].tolist() == kept
+    images = torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    layer = "layer1.1.conv2"
+    stats = run_pass(trainer(), compressed, DataLoader(TensorDataset(images, torch.zeros(6, dtype=torch.long)),
+                                                       batch_size=4), [layer], targets=original,
+                     output_index=reference.output_index).stats[layer]
+    x_comp = _activations(compressed, images, layer)[0]
+    y_orig = _activations(original, images, layer)[1][:, kept]
+    P, _ = explicit_patches(compressed.get_submodule(layer), x_comp)
+    R = y_orig.flatten(2).transpose(1, 2)  # (B, P, D); the layer has no bias
+    assert_stats(stats, *plain_stats(P.reshape(-1, P.shape[-1]), R.reshape(-1, R.shape[-1])))
