@@ -3,17 +3,16 @@ Torch-Pruning at the same widths, with 0 and 1 epoch of fine-tuning.
 
 For each network (trained here on Fashion-MNIST by ``train.py --config <net>_fashion.yaml``):
 - ``compress.py --config <net>_fashion.yaml`` (every compressible layer, certified candidates
-  refit by least squares, the budget shared by multiply-adds saved per validation image lost)
-  at a 1-point budget and at a larger one, each followed by 1 epoch of fine-tuning (the
-  ``Classifier`` at 0.1 x the training learning rate);
+  refit by least squares, the budget shared as the config says) at a 1-point budget and at a
+  larger one, each followed by 1 epoch of fine-tuning (the ``Classifier`` at 0.1 x the training
+  learning rate);
 - at the first budget, without fine-tuning, the other ways of sharing it (``--comparisons``):
   ``knapsack`` (``--target.share macs``: every group's candidates judged alone on the original
   network, chosen together), ``cumulative`` and ``layer_by_layer`` (``--target.share
   cumulative``: the groups in network order on the network compressed so far, layer i of n
   may lose i/n of the budget; each refit reproducing the current network's outputs, or the
   original's, ``--target.refit_to``), and ``internal`` (the internal widths alone, the groups
-  with one producer: what the coupled residual channels add); a comparison that repeats the
-  config's own way is still run, as its own row;
+  with one producer: what the coupled residual channels add);
 - Torch-Pruning (group magnitude and Taylor importance, through its own dependency graph)
   pruning every group to the widths of each lasso run, with 0 and 1 epoch of the same
   fine-tuning;
@@ -168,7 +167,8 @@ def main_runs(args: argparse.Namespace, work: Path, describe: Optional[Describe]
 #: The runs beside the network's own config, at the first budget, without fine-tuning: name ->
 #: (the method's row label, compress.py options).
 COMPARISONS = {
-    "knapsack": ("lasso_refit, knapsack over every group's candidates", ["--target.share", "macs"]),
+    "knapsack": ("lasso_refit, knapsack over every group's candidates",
+                 ["--target.share", "macs", "--target.candidate_images", "2000"]),
     "cumulative": ("lasso_refit, layer by layer, refit to the current network",
                    ["--target.share", "cumulative", "--target.refit_to", "current"]),
     "layer_by_layer": ("lasso_refit, layer by layer, refit to the original",
@@ -202,8 +202,10 @@ def main() -> None:
                              "over the internal widths alone")
     parser.add_argument("--finetune_epochs", type=int, default=1,
                         help="fine-tuning after the lasso runs at each budget and after Torch-Pruning (0: none)")
-    parser.add_argument("--comparisons", nargs="*", choices=sorted(COMPARISONS), default=list(COMPARISONS),
-                        help="runs beside the config's own at the first budget (none: --comparisons with no value)")
+    parser.add_argument("--comparisons", nargs="*", choices=sorted(COMPARISONS),
+                        default=["knapsack", "cumulative", "internal"],
+                        help="runs beside the config's own (layer by layer, refit to the original) at the first "
+                             "budget; none: --comparisons with no value")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/architectures.json"))
     args = parser.parse_args()
     args.checkpoint = args.checkpoint or CHECKPOINTS[args.network]

@@ -70,8 +70,12 @@ def format_report(report: dict[str, Any]) -> str:
                 lines.append(f"{e['layer']}: at the paper's lambda {same['lambda']:.3g} the certified optimum keeps "
                              f"{same['width']} neurons (MSE {same['mse']:.3e}); the paper's procedure kept {e['active']} "
                              f"(MSE {e['mse']:.3e}, objective {e['objective']:.4g})")
-            lines.append(f"{e['layer']}: the certified optimum with {c['width']} neurons: lambda {c.get('lambda', 0):.3g}, "
-                         f"MSE {c.get('mse', float('nan')):.3e}" + (f" ({c['resolved']})" if "resolved" in c else ""))
+            if c["width"] is None:  # the same-lambda solve used the comparison's time
+                lines.append(f"{e['layer']}: the certified optimum of the same width: {c['resolved']}")
+            else:
+                lines.append(f"{e['layer']}: the certified optimum with {c['width']} neurons: lambda "
+                             f"{c.get('lambda', 0):.3g}, MSE {c.get('mse', float('nan')):.3e}"
+                             + (f" ({c['resolved']})" if "resolved" in c else ""))
         if e.get("candidates"):
             lines.append("")
             floor = f", validation floor {100 * e['val_accuracy_floor']:.2f}%" if "val_accuracy_floor" in e else ""

@@ -102,6 +102,20 @@ def test_paper_procedure_runs_above_lambda_max_with_a_warning_and_the_certified_
     assert twin["width"] == entry["width_after"] and twin["lambda"] < top and twin["rel_gap"] <= 1e-6
 
 
+def test_the_comparison_s_time_limit_covers_the_same_lambda_solve_too(toy, tmp_path):
+    """One limit for the whole comparison: a same-lambda solve that uses it up leaves the
+    same-width search skipped, and the report says so (instead of a second full limit)."""
+    top = pipeline(toy, tmp_path / "probe").run(["2"], lambda_ratios=[0.5])["layers"][0]["lambda_max"]
+    paper = partial(LassoCompression, solver="paper_adam", lr=0.01)
+    report = pipeline(toy, tmp_path / "paper", make_module=paper, comparison_seconds=1e-6,
+                      trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False, max_steps=30)
+                      ).run(["2"], lambdas=[0.01 * top])
+    twin = report["layers"][0]["certified_same_width"]
+    assert "time limit" in twin["same_lambda"]["note"]
+    assert twin["width"] is None and twin["resolved"].startswith("skipped: the same-lambda solve used")
+    assert "the certified optimum of the same width: skipped" in format_report(report)
+
+
 def test_a_width_search_under_a_time_limit_stops_the_solve_under_way_and_returns_the_nearest_certified(monkeypatch):
     """Each solve takes 10 (simulated) seconds and widens as lambda falls; a 25-second limit stops the
     third solve after the 5 seconds left, and the answer is the nearest *certified* candidate."""
