@@ -148,10 +148,10 @@ def main_runs(args: argparse.Namespace, work: Path, describe: Optional[Describe]
             folder = work / f"torch_pruning_{importance}_{budget:g}"
             saved = save_network(pruned.eval(), folder / "pruned.pt", spec)
             add(f"torch_pruning_{importance}", 0, load_network(saved), widths, budget)
-            if args.finetune_epochs:
-                tuned, _ = finetune(saved, spec, dm, FinetuneSettings(epochs=args.finetune_epochs), hparams, folder,
-                                    trainer)
-                add(f"torch_pruning_{importance}", args.finetune_epochs, tuned, widths, budget)
+            if args.peer_finetune_epochs:
+                tuned, _ = finetune(saved, spec, dm, FinetuneSettings(epochs=args.peer_finetune_epochs), hparams,
+                                    folder, trainer)
+                add(f"torch_pruning_{importance}", args.peer_finetune_epochs, tuned, widths, budget)
     budget = args.budgets[0]
     for name in args.comparisons:
         method, options = COMPARISONS[name]
@@ -202,6 +202,8 @@ def main() -> None:
                              "over the internal widths alone")
     parser.add_argument("--finetune_epochs", type=int, default=1,
                         help="fine-tuning after the lasso runs at each budget and after Torch-Pruning (0: none)")
+    parser.add_argument("--peer_finetune_epochs", type=int, default=None,
+                        help="fine-tuning after Torch-Pruning (default: --finetune_epochs)")
     parser.add_argument("--comparisons", nargs="*", choices=sorted(COMPARISONS),
                         default=["knapsack", "cumulative", "internal"],
                         help="runs beside the config's own (layer by layer, refit to the original) at the first "
@@ -209,6 +211,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/architectures.json"))
     args = parser.parse_args()
     args.checkpoint = args.checkpoint or CHECKPOINTS[args.network]
+    if args.peer_finetune_epochs is None:
+        args.peer_finetune_epochs = args.finetune_epochs
     results = read_results(args.out, {"rows": [], "runs": {}, "deployment": {}})
     measured = main_runs(args, Path(args.work) / args.network)
     results["rows"] = [r for r in results["rows"] if r["network"] != args.network] + measured["rows"]

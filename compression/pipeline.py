@@ -503,7 +503,8 @@ class CompressionPipeline:
                 network, val, problem.weights_with_groups(self._final(problem.stats, V))))
             found = search.at_accuracy(floor)
             if found is None:
-                rank_zero_warn(f"{plan.layer!r}: no width down to lambda = {search.min_ratio:g} * lambda_max keeps "
+                rank_zero_warn(f"{plan.layer!r}: no width (down to lambda = {search.min_ratio:g} * lambda_max, or to the "
+                               f"first candidate that keeps every group) keeps "
                                f"validation accuracy at {100 * floor:.2f}% or above (the original network has "
                                f"{100 * reference['val_accuracy']:.2f}%); the layer keeps its full width")
         entry["candidates"] = [c.row() for c in search.candidates]

@@ -16,7 +16,11 @@ and every candidate is recorded.
   the candidate says ``resolved: truncated``.
 - Accuracy floor: the walk stops at the first lambda whose network meets the floor on
   the validation split; ``refine`` bisection steps then look for a narrower width that
-  still meets it. The result is the narrowest of all candidates that meet the floor.
+  still meets it. The result is the narrowest of all candidates that meet the floor. The
+  walk also stops at the first candidate that keeps every group: below it every solution
+  keeps them all, so nothing narrower can meet the floor, and each solve is slower than the
+  last (on ResNet-56 a coupled stage walked on for 20 halvings, 90 s a solve, at width 32
+  of 32).
 """
 from __future__ import annotations
 
@@ -92,13 +96,16 @@ class LambdaSearch:
         return found
 
     def walk(self, passed: Callable[[Candidate], bool]) -> tuple[Optional[Candidate], Optional[Candidate]]:
-        """Halve lambda from lam_max / 2 until ``passed``; returns (last not passed, first passed)."""
+        """Halve lambda from lam_max / 2 until ``passed``; returns (last not passed, first passed).
+        A candidate that keeps every group and does not pass ends the walk (None passed)."""
         previous: Optional[Candidate] = None
         lam = self.lam_max / 2
         while lam >= self.min_ratio * self.lam_max:
             current = self.candidate(lam, previous)
             if passed(current):
                 return previous, current
+            if current.width * self.group >= current.V.shape[-1]:
+                break
             previous, lam = current, lam / 2
         return previous, None
 

@@ -272,3 +272,18 @@ def test_a_time_limit_gives_the_solver_its_deadline(toy, tmp_path, monkeypatch):
     seen.clear()
     runner.solve(stats, 1e-3, torch.zeros(5, 50), "x", tag="free", solver="fista")
     assert seen == [None] * 5
+
+
+def test_an_accuracy_walk_stops_at_the_first_candidate_that_keeps_every_group():
+    """Below a solution that keeps all 8 groups every solution keeps them all: the walk ends
+    there (None: the floor is missed) instead of halving lambda down to min_ratio."""
+    import compression.search as search
+
+    def solve(lam, V0, seconds):
+        V = torch.zeros(2, 8)
+        V[:, :min(8, int(1 / lam))] = 1.0  # lambda_max 1: widths 2, 4, 8, 8, ...
+        return V, 1e-7
+
+    lam_search = search.LambdaSearch(solve, 1.0, evaluate=lambda V: 0.5)
+    assert lam_search.at_accuracy(0.9) is None
+    assert [c.width for c in lam_search.candidates] == [2, 4, 8]
