@@ -76,7 +76,7 @@ def test_compressed_network_keeps_accuracy_and_loses_most_neurons(demo_run, fash
 @pytest.mark.slow
 def test_fine_tuning_keeps_the_compressed_widths(demo_run, shared_cache):
     folder, report = demo_run
-    # The fine-tuned network is evaluated by whole-network passes: its new head inputs (0.3 GB
+    # The fine-tuned network is evaluated by whole-network passes: its new head inputs (0.15 GB
     # for these 4,096 training images) are not stored; only the original network's are.
     assert len(list(shared_cache.glob("train-head-classifier-*.f32"))) == 1
     surgery, tuned = report["after_surgery"], report["after"]
