@@ -354,13 +354,14 @@ class CompressionPipeline:
 
     # --- 2. one group ------------------------------------------------------------------------
     def layer_problem(self, network: nn.Module, module: str, passes: DataPasses,
-                      targets: Optional[ReferenceOutputs] = None) -> tuple[NeuronGroup, LayerProblem, float]:
-        """The group feeding ``module``, its problem on the training split's statistics (its
-        consumers' problems, grouped by channel, folded where inputs repeat, stacked when several
-        layers read the group), and the seconds the statistics took (0 from the cache).
-        ``targets``: the consumers' outputs in the statistics are the original network's
-        (``compression.reference``), not ``network``'s own."""
-        group = analyse_layer(network, module)
+                      targets: Optional[ReferenceOutputs] = None,
+                      group: Optional[NeuronGroup] = None) -> tuple[NeuronGroup, LayerProblem, float]:
+        """The group feeding ``module`` (``group``, when already analysed), its problem on the
+        training split's statistics (its consumers' problems, grouped by channel, folded where
+        inputs repeat, stacked when several layers read the group), and the seconds the
+        statistics took (0 from the cache). ``targets``: the consumers' outputs in the
+        statistics are the original network's (``compression.reference``), not ``network``'s own."""
+        group = group or analyse_layer(network, module)
         train, seconds = passes.evaluate(network, "train", [c.name for c in group.consumers],
                                          **({} if targets is None else {"targets": targets.network,
                                                                         "output_index": targets.output_index}))
@@ -406,11 +407,13 @@ class CompressionPipeline:
         """Statistics, lambda, solve, surgery for one group; returns the smaller network and the
         report entry. ``targets``: refit to the original network's outputs (and record the
         channels this group keeps in it)."""
-        group, problem, stats_seconds = self.layer_problem(network, plan.module, passes, targets)
+        group = analyse_layer(network, plan.module)
+        aim = targets if targets is not None and targets.aims_at(group) else None
+        group, problem, stats_seconds = self.layer_problem(network, plan.module, passes, aim, group)
         stats = problem.stats
         entry = self._entry(network, plan, group, problem, stats_seconds, passes)
         if targets is not None and targets.network is not network:
-            entry["refit_to"] = "original"
+            entry["refit_to"] = "original" if aim is not None else "current (a residual stream's consumers)"
         top = entry["lambda_max"]
         consumers = [c.name for c in group.consumers]
         rows = None

@@ -14,6 +14,16 @@ problem stays an ordinary multi-task lasso in (G, C, s): same solvers, certifica
 A consumer's outputs can themselves have lost units (a residual stream's channels are removed
 from every producer of the stream, and those producers are later groups' consumers), so the
 original output is read at the units the compressed layer still has: ``output_index``.
+
+Not every group can aim at the original. A residual stream's consumers read a tensor their
+own outputs flow back into (block k's first convolution feeds the block whose output block
+k + 1 reads), and they are refit together from statistics taken before any of them changed:
+each would also correct the error the refits before it already removed. On ResNet-56's third
+stream (the network compressed layer by layer, the stream at full width) each of its nine
+consumers refit to the original alone left validation accuracy within 0.2 point of 91.0 %;
+all nine together took it to 88.2 %, and more of them lost more. Such a group is refit to the
+current network's outputs instead (at full width exactly the trained weights), while the
+channels it removes are still recorded: ``aims_at``.
 """
 from __future__ import annotations
 
@@ -34,6 +44,12 @@ class ReferenceOutputs:
 
     network: nn.Module
     output_index: dict[str, Tensor] = field(default_factory=dict)
+
+    def aims_at(self, group: NeuronGroup) -> bool:
+        """Whether ``group``'s refit reproduces the original's outputs: not for several consumers
+        of a stream tied by an addition (a residual stream; see the module doc), which reproduce
+        the current network's."""
+        return not (group.coupled and len(group.consumers) > 1)
 
     def removed(self, group: NeuronGroup, kept: Sequence[int]) -> None:
         """Record that surgery kept only channels ``kept`` (ascending, numbered as before it) of

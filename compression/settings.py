@@ -79,7 +79,8 @@ class Target:
             the network compressed so far; ``original``, the original network's outputs, from
             the compressed network's inputs, so that each refit also corrects the error made
             upstream (``compression.reference``; one more forward pass of the original per
-            statistics pass).
+            statistics pass). A residual stream's consumers, refit together, reproduce the
+            current network's outputs either way (``ReferenceOutputs.aims_at``).
     """
 
     max_accuracy_drop: Optional[float] = None

@@ -72,24 +72,64 @@ def test_later_refit_reproduces_the_original_outputs_from_the_compressed_inputs(
     assert errors["original"] < errors["current"], errors
 
 
-def test_coupled_stream_after_an_internal_width_reads_the_original_at_the_kept_units(tmp_path):
-    """ResidualMLP: fc2a's group (fc1a's outputs) first, then the residual stream, whose
-    consumers include fc1a, which lost outputs in the first step: its original outputs are read
-    at the units it kept. The stream's problem is the three consumers' original outputs, so the
-    whole network stays closer to the original than with refits to the current network."""
+def test_an_internal_width_after_the_coupled_stream_reads_the_original_at_the_kept_units(tmp_path):
+    """ResidualMLP: the residual stream first (its consumers fc1a, fc1b and out; producers
+    stem, fc2a and fc2b lose outputs), then fc2a's group (fc1a's outputs), whose consumer fc2a
+    lost output units in the first step: its original outputs are read at the units it kept.
+    Refit to the original, the whole network stays closer to the original than with refits to
+    the network compressed so far."""
     torch.manual_seed(0)
     original = train_on_toy(ResidualMLP())
     runs = {refit_to: _compress(tmp_path / refit_to, original, ResidualMLP, "--target.refit_to", refit_to,
-                                lambda_ratios="[0.05, 0.1]") for refit_to in ("original", "current")}
+                                layers='["out", "fc2a"]', lambda_ratios="[0.1, 0.05]") for refit_to in ("original", "current")}
     report, compressed = runs["original"]
+    assert [e["module"] for e in report["layers"]] == ["out", "fc2a"]
+    assert report["layers"][1]["refit_to"] == "original"
     widths = [e["width_after"] for e in report["layers"]]
-    assert widths == [e["width_after"] for e in runs["current"][0]["layers"]] and widths[0] < 48 and widths[1] < 32
-    assert compressed.fc1a.out_features == widths[0] and compressed.out.in_features == widths[1]
+    assert widths == [e["width_after"] for e in runs["current"][0]["layers"]] and widths[0] < 32 and widths[1] < 48
+    assert compressed.out.in_features == widths[0] and compressed.fc2a.out_features == widths[0]
+    assert compressed.fc1a.out_features == widths[1]
     X = _training_inputs()
     with torch.no_grad():
         target = original(X)
         errors = {k: float((net(X) - target).square().mean()) for k, (_, net) in runs.items()}
     assert errors["original"] < errors["current"], errors
+
+
+def test_a_residual_streams_consumers_reproduce_the_current_network_not_the_original(tmp_path):
+    """ResidualMLP with ``refit_to original``: fc1a's outputs cut to 24 of 48 (refit to the
+    original), then the residual stream at its full 32 channels. Its consumers (fc1a, fc1b,
+    out) feed one another through the stream, so they reproduce the network compressed so
+    far: at full width the second step changes nothing. Refit to the original together, from
+    statistics taken before any of them changed, they would each correct what the others'
+    refits had already corrected (ResNet-56's third stream: 91.0 % -> 88.2 % at full width)."""
+    torch.manual_seed(0)
+    original = train_on_toy(ResidualMLP())
+    first, after_first = _compress(tmp_path / "first", original, ResidualMLP, "--target.refit_to", "original",
+                                   "--lambda_ratios", "null", "--target.width", "[24]", layers='["fc2a"]')
+    both, after_both = _compress(tmp_path / "both", original, ResidualMLP, "--target.refit_to", "original",
+                                 "--lambda_ratios", "null", "--target.width", "[24, 32]", layers='["fc2a", "fc1a"]')
+    assert [e["width_after"] for e in both["layers"]] == [24, 32]
+    assert both["layers"][1]["refit_to"].startswith("current")
+    X = _training_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(after_both(X), after_first(X), rtol=1e-4, atol=1e-4)
+        # the original network's outputs differ from these: a refit to them would have moved
+        assert (after_first(X) - original(X)).abs().max() > 1e-2
+
+
+def test_only_a_residual_streams_consumers_are_kept_from_the_original():
+    """``ReferenceOutputs.aims_at`` on ResNet-20: a block's internal width (one consumer) aims at
+    the original, the stage's stream (nine consumers tied by additions) does not."""
+    from compression.reference import ReferenceOutputs
+    from models.dependency import analyse_network
+    from models.registry import build_model
+
+    network = build_model("resnet20")
+    analysis, reference = analyse_network(network), ReferenceOutputs(network)
+    assert reference.aims_at(analysis.group_of("layer1.0.conv2"))
+    stream = analysis.group_of("layer1.0.conv1")
+    assert stream.coupled and len(stream.consumers) > 1 and not reference.aims_at(stream)
 
 
 def test_output_units_of_a_layer_that_lost_some_are_required(tmp_path):
