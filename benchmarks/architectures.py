@@ -27,12 +27,14 @@ test_accuracy_before, test_accuracy_after, latency_ms_before, latency_ms_after}`
 budget and the run's seconds) under ``rows``, and each compression run's summary under
 ``runs[network]`` (seconds, the allocation's tries, widths), and under ``deployment[network]``
 the first lasso network against the original exported to ONNX: the check against PyTorch and
-batch-1 and batch-64 latency in ONNX Runtime and PyTorch.
+batch-1 and batch-64 latency in ONNX Runtime and PyTorch; and beside it
+``architectures_<network>_widths.png``, the widths chosen per group at the first budget.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -219,6 +221,10 @@ def main() -> None:
     results["runs"][args.network] = measured["runs"]
     results.setdefault("deployment", {})[args.network] = measured["deployment"]
     write_results(args.out, results)
+    # the widths chosen per group at the first budget, beside the results (the run's own figure)
+    figure = Path(args.work) / args.network / "runs" / f"compress_{args.network}_fashion" / f"macs{args.budgets[0]:g}" / "widths.png"
+    if figure.is_file():
+        shutil.copyfile(figure, args.out.with_name(f"architectures_{args.network}_widths.png"))
 
 
 if __name__ == "__main__":
