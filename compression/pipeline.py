@@ -361,7 +361,7 @@ class CompressionPipeline:
         inputs repeat, stacked when several layers read the group), and the seconds the
         statistics took (0 from the cache). ``targets``: the consumers' outputs in the
         statistics are the original network's (``compression.reference``), not ``network``'s own."""
-        group = group or analyse_layer(network, module)
+        group = group if group is not None else analyse_layer(network, module)
         train, seconds = passes.evaluate(network, "train", [c.name for c in group.consumers],
                                          **({} if targets is None else {"targets": targets.network,
                                                                         "output_index": targets.output_index}))
