@@ -62,10 +62,15 @@ CHECKPOINTS = {"resnet56": "runs/resnet56_fashion/trained/checkpoints/best.ckpt"
 Describe = Callable[[torch.nn.Module, tuple], dict[str, Any]]
 
 
+def run_folder(args: argparse.Namespace, work: Path, name: str) -> Path:
+    """Where ``lasso_run(args, work, name)`` writes its report, networks and widths figure."""
+    return work / "runs" / f"compress_{args.network}_fashion" / name
+
+
 def lasso_run(args: argparse.Namespace, work: Path, name: str, *extra: str) -> tuple[dict, float]:
     """``compress.py --config <network>_fashion`` with ``extra`` options, in ``work/runs/<name>``;
     an interrupted earlier run of this benchmark is resumed. Returns the report and its seconds."""
-    run = work / "runs" / f"compress_{args.network}_fashion" / name
+    run = run_folder(args, work, name)
     argv = ["--config", f"{args.network}_fashion", "--checkpoint", args.checkpoint, "--cache_dir", args.cache_dir,
             "--trainer.logger.init_args.save_dir", str(work / "runs"), "--trainer.logger.init_args.version", name,
             "--trainer.enable_progress_bar", "false", "--convergence.verbose", "false", *extra]
@@ -222,7 +227,7 @@ def main() -> None:
     results.setdefault("deployment", {})[args.network] = measured["deployment"]
     write_results(args.out, results)
     # the widths chosen per group at the first budget, beside the results (the run's own figure)
-    figure = Path(args.work) / args.network / "runs" / f"compress_{args.network}_fashion" / f"macs{args.budgets[0]:g}" / "widths.png"
+    figure = run_folder(args, Path(args.work) / args.network, f"macs{args.budgets[0]:g}") / "widths.png"
     if figure.is_file():
         shutil.copyfile(figure, args.out.with_name(f"architectures_{args.network}_widths.png"))
 
