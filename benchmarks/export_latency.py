@@ -5,11 +5,13 @@ process (``models.export.export_checked_and_timed``, what ``compress.py --export
 The compressed networks have the channel counts of ``benchmarks.conv``'s runs of
 ``compress.py --config alexnet_fashion_conv.yaml`` (``benchmarks/results/conv.json``: conv2..conv5
 inputs, pen and last; the results file records widths, not which channels, so the first ones
-are kept). Weights are random (seeded): latency depends on the layers' shapes only, so this needs
-neither the trained network nor the hour its compression takes; each ONNX file is still checked
-against PyTorch on random images.
+are kept), and each of them with every width rounded up to a multiple of ``--round_to`` (what
+``compress.py --round_to 8`` keeps of the same supports: are odd channel counts what slows ONNX
+Runtime down?). Weights are random (seeded): latency depends on the layers' shapes only, so this
+needs neither the trained network nor the hour its compression takes; each ONNX file is still
+checked against PyTorch on random images.
 
-    python -m benchmarks.export_latency [--conv_results benchmarks/results/conv.json]
+    python -m benchmarks.export_latency [--conv_results benchmarks/results/conv.json] [--round_to 8]
 
 Writes ``benchmarks/results/export_latency.json``: per budget, the widths, and the export's
 check and latencies (``{onnx: {name: {bytes, max_abs_difference, ...}}, onnx_latency_ms,
@@ -27,6 +29,7 @@ from torch import nn
 
 from benchmarks import read_results, write_results
 from cli.setup import configure_process
+from grouplasso import rounded_width
 from models.export import export_checked_and_timed
 from models.layers import analyse_layer
 from models.registry import build_model
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--conv_results", type=Path, default=RESULTS / "conv.json")
     parser.add_argument("--out", type=Path, default=RESULTS / "export_latency.json")
+    parser.add_argument("--round_to", type=int, default=8, help="also time the widths rounded up to this multiple (1: not)")
     args = parser.parse_args(argv)
     configure_process()
     runs = read_results(args.conv_results, {}).get("network", {}).get("runs", {})
@@ -55,26 +59,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"{args.conv_results} holds no runs of the convolution config: run python -m benchmarks.conv")
     torch.manual_seed(0)
     original = build_model("alexnet", 10).eval()
+    widths = {f"{budget}-point": run["widths"] for budget, run in runs.items()}
+    if args.round_to > 1:
+        before = {budget: {e["module"]: e["width_before"] for e in run["layers"]} for budget, run in runs.items()}
+        widths.update({f"{budget}-point, round_to {args.round_to}": {
+            module: rounded_width(w, args.round_to, before[budget][module]) for module, w in run["widths"].items()}
+            for budget, run in runs.items()})
     networks = {"original": original}
-    for budget, run in runs.items():
+    for name, shape in widths.items():
         compressed = build_model("alexnet", 10)
         compressed.load_state_dict(original.state_dict())
-        networks[f"{budget}-point"] = narrowed(compressed, run["widths"])
+        networks[name] = narrowed(compressed, shape)
     images = torch.rand(64, *SHAPE, generator=torch.Generator().manual_seed(1))
     with tempfile.TemporaryDirectory() as folder:
         measured = export_checked_and_timed(networks, Path(folder), SHAPE, images, ["onnx"])
     for files in measured["onnx"].values():
         files.pop("file")  # a temporary folder's
     onnx, torch_ms = measured["onnx_latency_ms"], measured["torch_latency_ms"]
-    print(f"{'network':12s} {'ONNX b1':>9s} {'ONNX b64':>9s} {'torch b1':>9s} {'torch b64':>9s}   max abs difference")
+    print(f"{'network':22s} {'ONNX b1':>9s} {'ONNX b64':>9s} {'torch b1':>9s} {'torch b64':>9s}   max abs difference")
     for name in networks:
-        print(f"{name:12s} {onnx[name][1]:9.2f} {onnx[name][64]:9.2f} {torch_ms[name][1]:9.2f} {torch_ms[name][64]:9.2f}"
+        print(f"{name:22s} {onnx[name][1]:9.2f} {onnx[name][64]:9.2f} {torch_ms[name][1]:9.2f} {torch_ms[name][64]:9.2f}"
               f"   {measured['onnx'][name]['max_abs_difference']:.1e}")
     for name in list(networks)[1:]:
         ratios = {f"{engine} batch {b}": per["original"][b] / per[name][b]
                   for engine, per in (("ONNX Runtime", onnx), ("PyTorch", torch_ms)) for b in (1, 64)}
         print(f"{name}: original / compressed latency: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
-    results = {"widths": {budget: run["widths"] for budget, run in runs.items()}, **measured}
+    results = {"widths": widths, **measured}
     write_results(args.out, results)
     return results
 

@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
+from jsonargparse.typing import PositiveInt
 from pytorch_lightning.cli import LightningArgumentParser
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
@@ -138,6 +139,10 @@ class CompressCLI(ProjectCLI):
                             help="The same, as fractions of each layer's lambda_max.")
         parser.add_argument("--debias", type=bool, default=False,
                             help="Refit the surviving columns by least squares (no penalty) before surgery.")
+        parser.add_argument("--round_to", type=PositiveInt, default=1,
+                            help="Keep a multiple of this many neurons or channels in every compressed layer (8 or 16 "
+                                 "suits the channel blocks of ONNX Runtime's and GPU kernels): each certified support "
+                                 "is rounded up by the neurons nearest to entering it, and refit by least squares.")
         parser.add_argument("--baselines", type=bool, default=False,
                             help="Also measure the baselines (magnitude, activation, refits, Torch-Pruning when "
                                  "installed) at the final width and at every path point's width.")
@@ -211,7 +216,7 @@ class CompressCLI(ProjectCLI):
             make_convergence=partial(Convergence, **dict(config.convergence)),
             trainer=TrainerSettings.from_config(config.trainer),
             cache_dir=Path(config.cache_dir) if config.cache_dir else None, checkpoint_every=config.checkpoint_every,
-            debias=config.debias, logger=logger, finetune=FinetuneSettings(**dict(config.finetune)),
+            debias=config.debias, round_to=config.round_to, logger=logger, finetune=FinetuneSettings(**dict(config.finetune)),
             train_hparams=info.get("hparams") or {}, baselines=config.baselines,
             conv_sampling={} if config.conv_positions is None else {"positions": config.conv_positions,
                                                                     "seed": config.seed_everything or 0},

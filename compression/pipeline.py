@@ -45,7 +45,10 @@ from compression.passes import CutInputs, DataPasses, head_of
 from compression.reference import ReferenceOutputs
 from compression.search import Candidate, LambdaSearch
 from compression.settings import Target, TrainerSettings
-from grouplasso import LassoStats, active_columns, active_groups, check_lambda, debias, lambda_max, mse, objective
+from grouplasso import (
+    LassoStats, active_columns, active_groups, check_lambda, debias, lambda_max, mse, objective, round_up_support,
+    rounded_width,
+)
 from lightning_modules.lasso import LassoCompression
 from models.checkpoints import save_network
 from models.dependency import NetworkAnalysis, NeuronGroup, analyse_network
@@ -178,6 +181,7 @@ class CompressionPipeline:
     cache_dir: Optional[Path] = Path(".cache/passes")
     checkpoint_every: int = 200
     debias: bool = False
+    round_to: int = 1  # every compressed group keeps a multiple of this many neurons or channels (see _final)
     logger: Optional[TensorBoardLogger] = None
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     train_hparams: dict[str, Any] = field(default_factory=dict)
@@ -349,8 +353,17 @@ class CompressionPipeline:
         return rows
 
     def _final(self, stats: LassoStats, V: Tensor) -> Tensor:
-        """What surgery uses of a solution: V, or its least-squares refit with ``debias``."""
+        """What surgery uses of a solution: V, or its least-squares refit with ``debias``. With
+        ``round_to`` > 1 the support is first rounded up to a multiple of it by the groups nearest
+        to entering (``grouplasso.round_up_support``) and refit on that, ``debias`` or not: the
+        lasso gave the added groups no weights."""
+        if self.round_to > 1:
+            return debias(stats, V, groups=round_up_support(stats, V, self.round_to))
         return debias(stats, V) if self.debias else V
+
+    def _kept(self, problem: LayerProblem, width: int) -> int:
+        """The width surgery keeps of a solution with ``width`` groups (``round_to``, above)."""
+        return rounded_width(width, self.round_to, problem.groups)
 
     # --- 2. one group ------------------------------------------------------------------------
     def layer_problem(self, network: nn.Module, module: str, passes: DataPasses,
@@ -374,7 +387,7 @@ class CompressionPipeline:
                                  "kind": "conv" if isinstance(module, nn.Conv2d) else "linear",
                                  **problem.describe(), "neurons": group.describe(), "lambda_max": lambda_max(problem.stats),
                                  "width_before": problem.groups, "stats_seconds": round(stats_seconds, 2),
-                                 "samples": problem.stats.n, "chosen_by": plan.how, "debiased": self.debias}
+                                 "samples": problem.stats.n, "chosen_by": plan.how, "debiased": self.debias or self.round_to > 1}
         if plan.joined:
             entry["joined"] = list(plan.joined)
         if passes.conv_sampling and any(c.kind == "conv" for c in group.consumers):
@@ -397,8 +410,10 @@ class CompressionPipeline:
         # the neurons (or channels) kept, numbered as before this layer
         entry["kept_indices"] = active_groups(V, problem.group).tolist()
         entry["width_after"] = len(entry["kept_indices"])
-        if self.debias:
+        if self.debias or self.round_to > 1:
             entry["mse_debiased"] = mse(stats, V)
+        if self.round_to > 1:
+            entry["round_to"] = self.round_to
         return V
 
     def compress_layer(self, network: nn.Module, plan: LayerPlan, passes: DataPasses, reference: dict[str, Any],
@@ -562,11 +577,12 @@ class CompressionPipeline:
             group_options = []
             for k, candidate in enumerate(candidates):
                 cost = max(0, int(round((alone - candidate.val_accuracy) * n_val)))
-                saving = per_channel * (problem.groups - candidate.width)
+                saving = per_channel * (problem.groups - self._kept(problem, candidate.width))
                 if cost <= budget and saving > 0:
                     group_options.append(Option(cost, saving, k))
             entry["candidates"] = [{**c.row(), "images_lost": max(0, int(round((alone - c.val_accuracy) * n_val))),
-                                    "macs_saved": per_channel * (problem.groups - c.width)} for c in candidates]
+                                    "macs_saved": per_channel * (problem.groups - self._kept(problem, c.width))}
+                                   for c in candidates]
             entry["judged_on"] = judged
             options.append(group_options)
             entries.append(entry)
@@ -589,7 +605,8 @@ class CompressionPipeline:
             within = lost <= budget + 1e-9
             record["tries"].append({**about, "predicted_images_lost": cost, "macs_saved_predicted": saving,
                                     "val_accuracy": accuracy, "images_lost": lost, "within_budget": within,
-                                    "widths": [problems[i].groups if k is None else found_by_group[i][k].width
+                                    "widths": [problems[i].groups if k is None
+                                               else self._kept(problems[i], found_by_group[i][k].width)
                                                for i, k in enumerate(chosen)]})
             if within and (best is None or saving > best[2]):
                 best = (candidate_net, chosen, saving)
@@ -628,7 +645,8 @@ class CompressionPipeline:
             result = network
         else:
             result, chosen = best[0], best[1]
-        record["chosen"] = [None if k is None else found_by_group[i][k].width for i, k in enumerate(chosen)]
+        record["chosen"] = [None if k is None else self._kept(problems[i], found_by_group[i][k].width)
+                            for i, k in enumerate(chosen)]
         for i, (entry, k) in enumerate(zip(entries, chosen)):
             problem = problems[i]
             if k is None:

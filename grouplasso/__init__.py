@@ -14,6 +14,7 @@ one problem).
 """
 from grouplasso.problem import (
     DualityGap, check_lambda, debias, duality_gap, gradient, gram_product, group_norm, lambda_max, lipschitz, mse, objective, residual_energy,
+    round_up_support, rounded_width,
 )
 from grouplasso.folding import Folding, fold_repeated_groups
 from grouplasso.prox import active_columns, active_groups, group_columns, group_norms, group_soft_threshold, keep_groups
@@ -36,5 +37,5 @@ __all__ = [
     "SOLVERS", "BCD", "Stacking", "stack_problems", "DualityGap", "Folding", "active_columns", "active_groups", "keep_groups", "check_lambda", "FISTA", "LassoStats", "PaperAdam", "Solver", "StatsAccumulator", "WorkingSet",
     "debias", "duality_gap", "fold_repeated_groups", "gradient", "gram_product", "group_columns", "group_norm", "group_norms", "group_soft_threshold", "lambda_max", "lipschitz",
     "mse",
-    "objective", "residual_energy",
+    "objective", "residual_energy", "round_up_support", "rounded_width",
 ]

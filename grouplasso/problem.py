@@ -206,10 +206,35 @@ def duality_gap(stats: LassoStats, V: Tensor, lam: float) -> DualityGap:
     return DualityGap(primal=primal, dual=dual, gap=gap, rel_gap=gap / primal if primal > 0 else 0.0, scores=scores)
 
 
-def debias(stats: LassoStats, V: Tensor, rcond: float = 1e-10) -> Tensor:
-    """Refit the columns S of V's nonzero groups by least squares without penalty: V_S G_SS = C_S
-    (minimum-norm solution where G_SS is singular); the zero groups stay zero."""
-    keep = active_columns(V, stats.group).to(stats.G.device)
+def rounded_width(width: int, multiple: int, groups: int) -> int:
+    """``width`` rounded up to a multiple of ``multiple``, at most ``groups`` (every group)."""
+    return min(groups, -(-width // multiple) * multiple)
+
+
+def round_up_support(stats: LassoStats, V: Tensor, multiple: int) -> Tensor:
+    """The groups (ascending indices) a refit of V keeps when widths must be multiples of
+    ``multiple`` (kernels work on blocks of 8 or 16 channels): V's nonzero groups, then the zero
+    groups j of largest residual correlation ||(C - V G)[:, group j]||_F, until there are
+    ``rounded_width(k, multiple, K / g)``. That correlation is the dual score of the duality gap:
+    along the regularisation path the group with the largest one is the next to enter the
+    support as lambda decreases, and it is the one whose column most lowers the refit's MSE
+    first (the MSE's gradient in a zero group is -2 (C - V G)_j / D)."""
+    kept = active_groups(V, stats.group).to(stats.G.device)
+    total = stats.K // stats.group
+    want = rounded_width(len(kept), multiple, total)
+    if want == len(kept):
+        return kept
+    scores = group_norms(stats.C - times_gram(stats, V.to(stats.G)), stats.group)
+    scores[kept] = -math.inf
+    added = torch.topk(scores, want - len(kept)).indices
+    return torch.sort(torch.cat([kept, added])).values
+
+
+def debias(stats: LassoStats, V: Tensor, rcond: float = 1e-10, groups: Tensor | None = None) -> Tensor:
+    """Refit the columns S of V's nonzero groups (or of ``groups``, indices) by least squares
+    without penalty: V_S G_SS = C_S (minimum-norm solution where G_SS is singular); the other
+    groups are zero."""
+    keep = (active_columns(V, stats.group) if groups is None else group_columns(groups, stats.group)).to(stats.G.device)
     out = torch.zeros_like(V, dtype=stats.G.dtype, device=stats.G.device)
     if len(keep):
         sub = stats.restrict(keep)

@@ -10,7 +10,8 @@ from sklearn.linear_model import MultiTaskLasso
 
 from grouplasso import (
     group_norms,
-    SOLVERS, LassoStats, PaperAdam, StatsAccumulator, debias, duality_gap, group_soft_threshold, mse, objective,
+    SOLVERS, LassoStats, PaperAdam, StatsAccumulator, debias, duality_gap, group_soft_threshold, lambda_max, mse,
+    objective, round_up_support,
 )
 
 
@@ -156,6 +157,34 @@ def test_debias_refits_the_support_by_least_squares():
     ls = np.linalg.lstsq(X[:, support.numpy()], Y - b, rcond=None)[0].T
     torch.testing.assert_close(refit[:, support], torch.from_numpy(ls), rtol=1e-8, atol=1e-8)
     assert mse(stats, refit) < mse(stats, V)
+
+
+def test_a_support_rounded_up_gains_the_groups_the_lasso_path_adds_next():
+    """scikit-learn's MultiTaskLasso on a fine grid of lambdas (400 steps; on 120 two groups that enter
+    close together can swap) is the oracle: wherever one step
+    down the grid adds exactly one neuron j to the support S, rounding S up to |S| + 1 adds j.
+    Rounded to a multiple of 4, the support contains S, has a multiple of 4 groups (or all), and
+    its least-squares refit fits at least as well as the refit of S alone."""
+    X, Y, b = make_problem(7, n=200, K=24, D=4)
+    stats = stats_of(X, Y, b)
+    top = lambda_max(stats)
+    coefs = [MultiTaskLasso(alpha=lam * 4 / 2, fit_intercept=False, tol=1e-12, max_iter=200_000).fit(X, Y - b).coef_
+             for lam in top * np.geomspace(0.95, 0.01, 400)]
+    supports = [frozenset(np.flatnonzero(np.linalg.norm(c, axis=0) > 0)) for c in coefs]
+    checked = 0
+    for coef, here, below in zip(coefs, supports, supports[1:]):
+        if here < below and len(below - here) == 1:
+            rounded = round_up_support(stats, torch.from_numpy(coef), len(here) + 1)
+            assert set(rounded.tolist()) == set(below), (sorted(here), sorted(below))
+            checked += 1
+    assert checked >= 5, checked
+    for coef, here in zip(coefs[::10], supports[::10]):
+        V = torch.from_numpy(coef)
+        rounded = round_up_support(stats, V, 4)
+        assert set(rounded.tolist()) >= here and (len(rounded) % 4 == 0 or len(rounded) == 24)
+        assert len(rounded) == min(24, -(-len(here) // 4) * 4)
+        assert mse(stats, debias(stats, V, groups=rounded)) <= mse(stats, debias(stats, V)) + 1e-12
+
 
 
 @pytest.mark.parametrize("name", ["working_set", "fista", "paper_adam"])

@@ -1,4 +1,5 @@
-"""Refits aimed at the original network's outputs (``--target.refit_to original``).
+"""Refits aimed at the original network's outputs (``--target.refit_to original``), and on
+supports rounded up to a multiple of a block size (``--round_to``).
 
 Layer by layer, a later layer's statistics pair the compressed network's inputs with the
 original network's outputs (``compression.reference``). The oracle is least squares on the raw
@@ -179,3 +180,33 @@ def test_convolution_statistics_pair_compressed_patches_with_the_original_kept_c
     P, _ = explicit_patches(compressed.get_submodule(layer), x_comp)
     R = y_orig.flatten(2).transpose(1, 2)  # (B, P, D); the layer has no bias
     assert_stats(stats, *plain_stats(P.reshape(-1, P.shape[-1]), R.reshape(-1, R.shape[-1])))
+
+
+def test_rounded_widths_keep_the_lasso_support_and_refit_on_it(tmp_path):
+    """``--round_to 8`` on ResidualMLP: fc1a's 48 outputs (fc2a's inputs), then the residual stream
+    of 32 (read by fc1a, fc1b and out). Every group keeps a multiple of 8 units; the first keeps
+    the lasso's own support (the same run without rounding) plus the units nearest to entering it,
+    and fc2a's refit is the least-squares fit on exactly those units (numpy oracle on the
+    activations, as above)."""
+    torch.manual_seed(0)
+    original = train_on_toy(ResidualMLP())
+    runs = {name: _compress(tmp_path / name, original, ResidualMLP, *extra, layers='["fc2a", "fc1a"]',
+                            lambda_ratios="[0.1, 0.05]") for name, extra in (("plain", ()), ("rounded", ("--round_to", "8")))}
+    plain, (report, compressed) = runs["plain"][0], runs["rounded"]
+    widths = [e["width_after"] for e in report["layers"]]
+    assert all(w % 8 == 0 for w in widths) and [e["round_to"] for e in report["layers"]] == [8, 8]
+    lasso_width = plain["layers"][0]["width_after"]
+    assert lasso_width % 8 and widths[0] == -(-lasso_width // 8) * 8  # rounded up, not already a multiple
+    kept = report["layers"][0]["kept_indices"]
+    assert set(kept) > set(plain["layers"][0]["kept_indices"])
+    assert compressed.fc1a.out_features == widths[0] and compressed.fc2a.in_features == widths[0]
+    assert compressed.stem.out_features == widths[1] and compressed.out.in_features == widths[1]
+    X = _training_inputs()
+    x, y = _activations(original, X, "fc2a")
+    b = original.fc2a.bias.detach().double()
+    oracle, *_ = np.linalg.lstsq(x[:, kept].numpy(), (y - b).numpy(), rcond=None)
+    # the refit's MSE (fc2a's weight itself lost output units in the stream step after it) is the
+    # least-squares optimum on the kept units
+    fitted = report["layers"][0]
+    assert fitted["mse_debiased"] == pytest.approx(float(((x[:, kept] @ torch.from_numpy(oracle) - (y - b)) ** 2).mean()),
+                                                   rel=1e-6)
