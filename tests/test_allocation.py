@@ -67,6 +67,18 @@ def test_allocation_keeps_the_budget_on_the_whole_network_and_so_does_the_cumula
     assert "shared by multiply-adds saved per image lost" in text
 
 
+def test_the_allocation_counts_widths_rounded_to_a_block(residual, tmp_path):
+    """``round_to=8``: the knapsack chooses, and the report records, the widths surgery keeps
+    (each a multiple of 8, or the full width), not the lasso's own supports."""
+    report = pipeline(residual, tmp_path, round_to=8).run(["all"], target=Target(max_accuracy_drop=2.0))
+    widths = [e["width_after"] for e in report["layers"]]
+    assert all(w % 8 == 0 or w == e["width_before"] for w, e in zip(widths, report["layers"]))
+    assert any(w < e["width_before"] for w, e in zip(widths, report["layers"]))
+    assert [w if k is not None else None for w, k in zip(widths, report["allocation"]["chosen"])] == \
+        report["allocation"]["chosen"]
+    assert 100 * (report["before"]["val_accuracy"] - report["after"]["val_accuracy"]) <= 2.0 + 1e-9
+
+
 def test_an_unmet_budget_keeps_every_layer(residual, tmp_path, monkeypatch):
     monkeypatch.setattr(DataPasses, "accuracy", lambda *args, **kwargs: 0.0)
     report = pipeline(residual, tmp_path).run(["all"], target=Target(max_accuracy_drop=0.5))
