@@ -26,10 +26,12 @@ def residual() -> nn.Module:
 
 
 def pipeline(network: nn.Module, folder, **kwargs) -> CompressionPipeline:
+    """The pipeline on ResidualMLP and ToyDataModule, solves certified to the shipped relative gap
+    of 1e-4: the allocation is tested here, not the solvers (tests/test_grouplasso.py)."""
     return CompressionPipeline(
         network=network, spec=NetworkSpec({"class_path": "tests.helpers.ResidualMLP"}, 3),
         datamodule=ToyDataModule(root=".", num_workers=0, batch_size=256), run_dir=folder, cache_dir=None,
-        make_convergence=partial(Convergence, tol=1e-6, verbose=False), debias=True,
+        make_convergence=partial(Convergence, tol=1e-4, verbose=False), debias=True,
         trainer=TrainerSettings(accelerator="cpu", enable_progress_bar=False), **kwargs)
 
 
@@ -48,7 +50,7 @@ def test_allocation_keeps_the_budget_on_the_whole_network_and_so_does_the_cumula
     assert report["after"]["macs"] < report["before"]["macs"]
     # every option the knapsack had is a certified candidate with its measured loss
     for entry in report["layers"]:
-        assert all(c["rel_gap"] <= 1e-6 for c in entry["candidates"])
+        assert all(c["rel_gap"] <= 1e-4 for c in entry["candidates"])
         assert entry["width_after"] in [c["width"] for c in entry["candidates"]] + [entry["width_before"]]
     # the saved network is the allocation's, and loads without the original
     again = load_network(report["network"])
@@ -68,9 +70,10 @@ def test_allocation_keeps_the_budget_on_the_whole_network_and_so_does_the_cumula
 
 
 def test_the_allocation_counts_widths_rounded_to_a_block(residual, tmp_path):
-    """``round_to=8``: the knapsack chooses, and the report records, the widths surgery keeps
-    (each a multiple of 8, or the full width), not the lasso's own supports."""
-    report = pipeline(residual, tmp_path, round_to=8).run(["all"], target=Target(max_accuracy_drop=2.0))
+    """``round_to=8`` on the two internal widths (the stream's stacked problem is rounded in
+    tests/test_reference.py): the knapsack chooses, and the report records, the widths surgery
+    keeps (each a multiple of 8, or the full width), not the lasso's own supports."""
+    report = pipeline(residual, tmp_path, round_to=8).run(["fc2a", "fc2b"], target=Target(max_accuracy_drop=2.0))
     widths = [e["width_after"] for e in report["layers"]]
     assert all(w % 8 == 0 or w == e["width_before"] for w, e in zip(widths, report["layers"]))
     assert any(w < e["width_before"] for w, e in zip(widths, report["layers"]))
@@ -81,7 +84,8 @@ def test_the_allocation_counts_widths_rounded_to_a_block(residual, tmp_path):
 
 def test_an_unmet_budget_keeps_every_layer(residual, tmp_path, monkeypatch):
     monkeypatch.setattr(DataPasses, "accuracy", lambda *args, **kwargs: 0.0)
-    report = pipeline(residual, tmp_path).run(["all"], target=Target(max_accuracy_drop=0.5))
+    # two groups, not the stacked stream: every candidate fails, so each group walks its whole path
+    report = pipeline(residual, tmp_path).run(["fc2a", "fc2b"], target=Target(max_accuracy_drop=0.5))
     assert all(e["width_after"] == e["width_before"] for e in report["layers"])
     assert report["after"]["macs"] == report["before"]["macs"]
 
