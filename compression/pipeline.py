@@ -505,7 +505,7 @@ class CompressionPipeline:
             return solution.V, solution.rel_gap
 
         return LambdaSearch(solve, lambda_max(problem.stats), evaluate, group=problem.group,
-                            on_candidate=partial(self._log_candidate, plan.layer))
+                            on_candidate=partial(self._log_candidate, plan.layer, problem.groups))
 
     def _search(self, network: nn.Module, problem: LayerProblem, plan: LayerPlan, passes: DataPasses,
                 reference: dict[str, Any], entry: dict[str, Any], consumers: list[str]) -> Optional[Candidate]:
@@ -708,13 +708,15 @@ class CompressionPipeline:
                 "objective": objective(stats, found.V, found.lam), "rel_gap": found.rel_gap,
                 "resolved": found.resolved}
 
-    def _log_candidate(self, layer: str, candidate: Candidate) -> None:
-        """One line per certified candidate, and its numbers in TensorBoard (``search/<layer>/...``)."""
+    def _log_candidate(self, layer: str, groups: int, candidate: Candidate) -> None:
+        """One line per certified candidate (of a layer of ``groups`` neurons or channels), and its
+        numbers in TensorBoard (``search/<layer>/...``)."""
         if not self.is_global_zero:
             return
         accuracy = "" if candidate.val_accuracy is None else f", validation {100 * candidate.val_accuracy:.2f}%"
+        kept = "" if self.round_to == 1 else f" (kept {rounded_width(candidate.width, self.round_to, groups)})"
         rank_zero_info(f"[{layer}] lambda {candidate.lam:.4g} ({candidate.ratio:.3g} lambda_max): width "
-                       f"{candidate.width}{accuracy}, certified to a gap of {candidate.rel_gap:.1e} in "
+                       f"{candidate.width}{kept}{accuracy}, certified to a gap of {candidate.rel_gap:.1e} in "
                        f"{candidate.seconds:.1f} s")
         if self.logger is None:
             return

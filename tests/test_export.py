@@ -137,6 +137,28 @@ def resnets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, nn.Module]:
     return {"compressed": model, "tampered": tampered}
 
 
+@pytest.mark.parametrize("size, expected", [(64, nn.Upsample), (100, nn.Upsample), (224, nn.Identity),
+                                           (12, nn.AvgPool2d), (5, nn.AdaptiveAvgPool2d)])
+def test_adaptive_pools_are_exported_as_the_ordinary_pools_they_are_at_the_input_size(size, expected):
+    """AlexNet's pool to 6x6 at 64x64 (its input 1x1: a repetition), 100x100 (2x2), 224x224 (6x6:
+    nothing); a 12x12 map pooled to 6x6 (an average pool); a 5x5 one (no plain pool) is left as it
+    is. Each time the network computes the same function."""
+    from models.export import _static_pools
+
+    torch.manual_seed(0)
+    if size < 64:
+        model, shape = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d((6, 6))).eval(), (3, size, size)
+        name = "1"
+    else:
+        model, shape, name = build_model("alexnet", 10).eval(), (3, size, size), "avgpool"
+    static = _static_pools(model, shape)
+    assert type(static.get_submodule(name)) is expected
+    assert isinstance(model.get_submodule(name), nn.AdaptiveAvgPool2d)  # the caller's network is left as it was
+    x = torch.rand(3, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(static(x), model(x), rtol=1e-6, atol=1e-6)
+
+
 def test_checks_fail_on_a_file_of_another_network(resnets, tmp_path):
     x = torch.rand(4, 3, 32, 32)
     torchscript = export_torchscript(resnets["tampered"], tmp_path / "tampered.pt", (3, 32, 32))
