@@ -11,7 +11,12 @@ Runtime down?). Weights are random (seeded): latency depends on the layers' shap
 needs neither the trained network nor the hour its compression takes; each ONNX file is still
 checked against PyTorch on random images.
 
+With ``--runs``, compression runs' own networks join them (each run folder's ``compressed.pt``,
+and the trained network it was compressed from in place of the random original: all the runs
+must come from one checkpoint), exported by this code whenever they were compressed.
+
     python -m benchmarks.export_latency [--conv_results benchmarks/results/conv.json] [--round_to 8]
+        [--runs runs/compress_alexnet_fashion/version_0 runs/compress_alexnet_fashion_conv/round8]
 
 Writes ``benchmarks/results/export_latency.json``: per budget, the widths, and the export's
 check and latencies (``{onnx: {name: {bytes, max_abs_difference, ...}}, onnx_latency_ms,
@@ -31,6 +36,7 @@ from benchmarks import read_results, write_results
 from cli.setup import configure_process
 from grouplasso import rounded_width
 from models.export import export_checked_and_timed
+from models.checkpoints import load_network
 from models.layers import analyse_layer
 from models.registry import build_model
 from models.surgery import prune_channels
@@ -52,20 +58,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--conv_results", type=Path, default=RESULTS / "conv.json")
     parser.add_argument("--out", type=Path, default=RESULTS / "export_latency.json")
     parser.add_argument("--round_to", type=int, default=8, help="also time the widths rounded up to this multiple (1: not)")
+    parser.add_argument("--runs", type=Path, nargs="*", default=[],
+                        help="compress.py run folders (report.json, compressed.pt) whose networks are timed too")
     args = parser.parse_args(argv)
     configure_process()
     runs = read_results(args.conv_results, {}).get("network", {}).get("runs", {})
     if not runs:
         raise SystemExit(f"{args.conv_results} holds no runs of the convolution config: run python -m benchmarks.conv")
     torch.manual_seed(0)
-    original = build_model("alexnet", 10).eval()
+    reports = {folder.name: read_results(folder / "report.json", {}) for folder in args.runs}
+    checkpoints = {report.get("checkpoint") for report in reports.values()}
+    if len(checkpoints) > 1 or None in checkpoints:
+        raise SystemExit(f"--runs must be compressions of one checkpoint, with their report.json: {sorted(map(str, checkpoints))}")
+    original = load_network(checkpoints.pop()) if reports else build_model("alexnet", 10).eval()
     widths = {f"{budget}-point": run["widths"] for budget, run in runs.items()}
     if args.round_to > 1:
         before = {budget: {e["module"]: e["width_before"] for e in run["layers"]} for budget, run in runs.items()}
         widths.update({f"{budget}-point, round_to {args.round_to}": {
             module: rounded_width(w, args.round_to, before[budget][module]) for module, w in run["widths"].items()}
             for budget, run in runs.items()})
-    networks = {"original": original}
+    networks = {"original": original, **{f"run {name}": load_network(report["network"]) for name, report in reports.items()}}
     for name, shape in widths.items():
         compressed = build_model("alexnet", 10)
         compressed.load_state_dict(original.state_dict())
@@ -84,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ratios = {f"{engine} batch {b}": per["original"][b] / per[name][b]
                   for engine, per in (("ONNX Runtime", onnx), ("PyTorch", torch_ms)) for b in (1, 64)}
         print(f"{name}: original / compressed latency: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
-    results = {"widths": widths, **measured}
+    results = {"widths": widths, "runs": {name: {"folder": str(folder), "widths": report["after"].get("widths")}
+                                          for (name, report), folder in zip(reports.items(), args.runs)}, **measured}
     write_results(args.out, results)
     return results
 

@@ -160,11 +160,15 @@ def export_torchscript(model: nn.Module, path: str | Path, input_shape: Sequence
     return path
 
 
-def _onnx_session(path: str | Path) -> Any:
+def _onnx_session(path: str | Path, spinning: bool = True) -> Any:
     """An ONNX Runtime session on the CPU with ORT's default options (intra-op threads: ORT's
-    default, one per physical core; all graph optimisations)."""
+    default, one per physical core; all graph optimisations), its threads spinning after a run
+    unless ``spinning`` is False."""
     (ort,) = _require("onnxruntime")
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _compare(label: str, got: np.ndarray, reference: np.ndarray, rtol: float) -> Difference:
@@ -211,10 +215,12 @@ def onnx_latency_ms(files: dict[str, Path], input_shape: Sequence[int], batch_si
     once (the mean of ``repeats`` runs, after a warm-up run), and the result is the median over the
     rounds, so that load from other programs on the machine slows all files alike instead of
     whichever ran at the time. One session per file, created once; intra-op threads are left at
-    ONNX Runtime's default (one per physical core), as a deployment would run the file.
-    Inputs are random images (batch, *input_shape).
+    ONNX Runtime's default (one per physical core), as a deployment would run the file, but do not
+    spin after a run: several sessions in one process would otherwise take the cores from one
+    another (the same file timed twice in turns with others took 15.9 and 28.2 ms at batch 1, and
+    10.4 and 10.2 ms without spinning). Inputs are random images (batch, *input_shape).
     """
-    sessions = {name: _onnx_session(path) for name, path in files.items()}
+    sessions = {name: _onnx_session(path, spinning=False) for name, path in files.items()}
     rng = np.random.default_rng(0)
     times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batch_sizes} for name in files}
     for b in batch_sizes:
