@@ -6,8 +6,9 @@ The compressed networks have the channel counts of ``benchmarks.conv``'s runs of
 ``compress.py --config alexnet_fashion_conv.yaml`` (``benchmarks/results/conv.json``: conv2..conv5
 inputs, pen and last; the results file records widths, not which channels, so the first ones
 are kept), and each of them with every width rounded up to a multiple of ``--round_to`` (what
-``compress.py --round_to 8`` keeps of the same supports: are odd channel counts what slows ONNX
-Runtime down?). Weights are random (seeded): latency depends on the layers' shapes only, so this
+``compress.py --round_to 8`` would keep of the same supports; a run with it compresses later
+layers on a network already rounded, so its own widths differ: are odd channel counts what slows
+ONNX Runtime down?). Weights are random (seeded): latency depends on the layers' shapes only, so this
 needs neither the trained network nor the hour its compression takes; each ONNX file is still
 checked against PyTorch on random images.
 
@@ -18,7 +19,8 @@ must come from one checkpoint), exported by this code whenever they were compres
     python -m benchmarks.export_latency [--conv_results benchmarks/results/conv.json] [--round_to 8]
         [--runs runs/compress_alexnet_fashion/version_0 runs/compress_alexnet_fashion_conv/round8]
 
-Writes ``benchmarks/results/export_latency.json``: per budget, the widths, and the export's
+Writes ``benchmarks/results/export_latency.json``: the widths of every network built from a
+budget's widths (``widths``) and every run's folder and widths (``runs``), and the export's
 check and latencies (``{onnx: {name: {bytes, max_abs_difference, ...}}, onnx_latency_ms,
 torch_latency_ms}``, latencies ``{name: {batch: ms}}``).
 """
