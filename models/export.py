@@ -84,8 +84,8 @@ def _static_pools(model: nn.Module, input_shape: Sequence[int]) -> nn.Module:
     multiple of the output) or a nearest ``Upsample`` (the output a multiple of the input: every
     window is one pixel). The same function at this input size, which the ONNX file fixes anyway
     (only the batch is dynamic); a copy when anything is replaced. torch's exporter writes an
-    adaptive pool as a gather of its windows and a mean: AlexNet's 1x1 -> 6x6 at 64x64 took
-    5-6 ms of ONNX Runtime's 33 ms at batch 64 for the demo's compressed network."""
+    adaptive pool as a gather of its windows and a mean: AlexNet's 1x1 -> 6x6 at 64x64 took 10 to
+    15 % of ONNX Runtime's time at batch 64 for the README's compressed AlexNets."""
     pools = {name: m for name, m in model.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)}
     if not pools:
         return model
