@@ -217,8 +217,8 @@ def onnx_latency_ms(files: dict[str, Path], input_shape: Sequence[int], batch_si
     whichever ran at the time. One session per file, created once; intra-op threads are left at
     ONNX Runtime's default (one per physical core), as a deployment would run the file, but do not
     spin after a run: several sessions in one process would otherwise take the cores from one
-    another (the same file timed twice in turns with others took 15.9 and 28.2 ms at batch 1, and
-    10.4 and 10.2 ms without spinning). Inputs are random images (batch, *input_shape).
+    another (two files of one network, timed in turns with others, took 15.9 and 28.2 ms at batch
+    1, and 10.4 and 10.2 ms without spinning). Inputs are random images (batch, *input_shape).
     """
     sessions = {name: _onnx_session(path, spinning=False) for name, path in files.items()}
     rng = np.random.default_rng(0)
