@@ -5,7 +5,7 @@ DataModule whose training split supplies the layer's inputs (and whose validatio
 judges accuracy targets), ``convergence`` the stopping rule, ``trainer`` the
 devices/strategy (DDP shards the passes over the data) and the ``max_steps`` budget of a
 solve, ``target`` and ``finetune`` what the user wants. Top-level fields: ``checkpoint``,
-``layers``, ``lambdas`` / ``lambda_ratios``, ``path`` / ``path_ratios``, ``debias``,
+``layers``, ``lambdas`` / ``lambda_ratios``, ``path`` / ``path_ratios``, ``debias``, ``round_to``,
 ``baselines``, ``conv_positions``, ``cache_dir``, ``report``, ``resume``.
 
 How much to compress is said in exactly one way: ``--target.max_accuracy_drop``,
