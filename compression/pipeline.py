@@ -361,6 +361,11 @@ class CompressionPipeline:
             return debias(stats, V, groups=round_up_support(stats, V, self.round_to))
         return debias(stats, V) if self.debias else V
 
+    @property
+    def refits(self) -> bool:
+        """Whether surgery uses a least-squares refit of each solution (``debias``, or ``round_to``)."""
+        return self.debias or self.round_to > 1
+
     def _kept(self, problem: LayerProblem, width: int) -> int:
         """The width surgery keeps of a solution with ``width`` groups (``round_to``, above)."""
         return rounded_width(width, self.round_to, problem.groups)
@@ -387,7 +392,7 @@ class CompressionPipeline:
                                  "kind": "conv" if isinstance(module, nn.Conv2d) else "linear",
                                  **problem.describe(), "neurons": group.describe(), "lambda_max": lambda_max(problem.stats),
                                  "width_before": problem.groups, "stats_seconds": round(stats_seconds, 2),
-                                 "samples": problem.stats.n, "chosen_by": plan.how, "debiased": self.debias or self.round_to > 1}
+                                 "samples": problem.stats.n, "chosen_by": plan.how, "debiased": self.refits}
         if plan.joined:
             entry["joined"] = list(plan.joined)
         if passes.conv_sampling and any(c.kind == "conv" for c in group.consumers):
@@ -410,7 +415,7 @@ class CompressionPipeline:
         # the neurons (or channels) kept, numbered as before this layer
         entry["kept_indices"] = active_groups(V, problem.group).tolist()
         entry["width_after"] = len(entry["kept_indices"])
-        if self.debias or self.round_to > 1:
+        if self.refits:
             entry["mse_debiased"] = mse(stats, V)
         if self.round_to > 1:
             entry["round_to"] = self.round_to
@@ -505,7 +510,7 @@ class CompressionPipeline:
             return solution.V, solution.rel_gap
 
         return LambdaSearch(solve, lambda_max(problem.stats), evaluate, group=problem.group,
-                            on_candidate=partial(self._log_candidate, plan.layer, problem.groups))
+                            on_candidate=partial(self._log_candidate, plan.layer, problem))
 
     def _search(self, network: nn.Module, problem: LayerProblem, plan: LayerPlan, passes: DataPasses,
                 reference: dict[str, Any], entry: dict[str, Any], consumers: list[str]) -> Optional[Candidate]:
@@ -663,15 +668,13 @@ class CompressionPipeline:
                candidates: list[list[Candidate]], chosen: list[Optional[int]]) -> nn.Module:
         """The network with every chosen candidate in place: all consumers' new weights first, then
         every group's unused channels removed (the two commute, so the order does not matter)."""
-        weights: dict[str, Tensor] = {}
-        for group, problem, found, k in zip(groups, problems, candidates, chosen):
-            if k is not None:
-                weights.update(problem.weights(self._final(problem.stats, found[k].V)))
-        out = with_weights(network, weights)
-        for group, problem, found, k in zip(groups, problems, candidates, chosen):
-            if k is not None:
-                keep = used_channels(network, group, problem.weights(self._final(problem.stats, found[k].V)))
-                prune_channels(out, group, keep if len(keep) else torch.zeros(1, dtype=torch.long))
+        # each chosen solution refit once (with round_to: a top-k and a least-squares solve)
+        final = {i: problem.weights(self._final(problem.stats, found[k].V))
+                 for i, (problem, found, k) in enumerate(zip(problems, candidates, chosen)) if k is not None}
+        out = with_weights(network, {name: w for weights in final.values() for name, w in weights.items()})
+        for i, weights in final.items():
+            keep = used_channels(network, groups[i], weights)
+            prune_channels(out, groups[i], keep if len(keep) else torch.zeros(1, dtype=torch.long))
         return out.eval()
 
     def _certified_at_width(self, problem: LayerProblem, plan: LayerPlan, width: int, lam: float) -> dict[str, Any]:
@@ -708,13 +711,13 @@ class CompressionPipeline:
                 "objective": objective(stats, found.V, found.lam), "rel_gap": found.rel_gap,
                 "resolved": found.resolved}
 
-    def _log_candidate(self, layer: str, groups: int, candidate: Candidate) -> None:
-        """One line per certified candidate (of a layer of ``groups`` neurons or channels), and its
-        numbers in TensorBoard (``search/<layer>/...``)."""
+    def _log_candidate(self, layer: str, problem: LayerProblem, candidate: Candidate) -> None:
+        """One line per certified candidate of ``problem``, and its numbers in TensorBoard
+        (``search/<layer>/...``)."""
         if not self.is_global_zero:
             return
         accuracy = "" if candidate.val_accuracy is None else f", validation {100 * candidate.val_accuracy:.2f}%"
-        kept = "" if self.round_to == 1 else f" (kept {rounded_width(candidate.width, self.round_to, groups)})"
+        kept = "" if self.round_to == 1 else f" (kept {self._kept(problem, candidate.width)})"
         rank_zero_info(f"[{layer}] lambda {candidate.lam:.4g} ({candidate.ratio:.3g} lambda_max): width "
                        f"{candidate.width}{kept}{accuracy}, certified to a gap of {candidate.rel_gap:.1e} in "
                        f"{candidate.seconds:.1f} s")
