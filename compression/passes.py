@@ -25,7 +25,7 @@ from compression.features import BlockFeatures, FeatureWriter
 from compression.settings import TrainerSettings
 from grouplasso import LassoStats
 from lightning_modules.network_pass import BlockInputPass, PassResult, require_samples, run_pass
-from models.tail import Narrowed, cut_before, prefix, tail
+from models.tail import Narrowed, cut_before, for_inference, prefix, tail
 
 
 def head_of(network: nn.Module, modules: Sequence[str]) -> str:
@@ -224,14 +224,14 @@ class DataPasses:
         head = network.get_submodule(self.head).eval()
         replace = {relative_name(self.head, layer): Narrowed(network.get_submodule(layer), V, group)
                    for layer, (V, group) in weights.items()}
-        rest = tail(head, cut.cut, replace).eval()
         device = self.trainer.compute_device
-        rest.to(device)
+        rest = for_inference(tail(head, cut.cut, replace).eval()).to(device)
+        layout = torch.channels_last if cut.inputs.dim() == 4 else torch.contiguous_format  # for_inference's
         correct = torch.zeros((), dtype=torch.float64)
         try:
             with torch.no_grad():
                 for start in range(0, len(cut.inputs), batch_size):
-                    logits = rest(cut.inputs[start:start + batch_size].to(device))
+                    logits = rest(cut.inputs[start:start + batch_size].to(device).contiguous(memory_format=layout))
                     correct += (logits.argmax(1).cpu() == cut.labels[start:start + batch_size]).sum()
         finally:
             head.cpu()

@@ -522,8 +522,7 @@ class CompressionPipeline:
             val = passes.cut_inputs(network, "val", consumers)
             floor = reference["val_accuracy"] - plan.value / 100
             entry["val_accuracy_floor"] = floor
-            search = self._searcher(problem, plan, lambda V: passes.accuracy(
-                network, val, problem.weights_with_groups(self._final(problem.stats, V))))
+            search = self._searcher(problem, plan, self._validation(network, problem, passes, val))
             found = search.at_accuracy(floor)
             if found is None:
                 rank_zero_warn(f"{plan.layer!r}: no width (down to lambda = {search.min_ratio:g} * lambda_max, or to the "
@@ -532,6 +531,25 @@ class CompressionPipeline:
                                f"{100 * reference['val_accuracy']:.2f}%); the layer keeps its full width")
         entry["candidates"] = [c.row() for c in search.candidates]
         return found
+
+    def _validation(self, network: nn.Module, problem: LayerProblem, passes: DataPasses,
+                    val: CutInputs) -> Callable[[Tensor], float]:
+        """Validation accuracy of the network with the group's weights V (what surgery would use of
+        them, ``_final``). With a refit those weights depend on the kept groups alone, so a
+        candidate that keeps the same groups as one already validated is not validated again
+        (the lambda walk meets the same few neurons at several lambdas: a tail pass each)."""
+        seen: dict[tuple[int, ...], float] = {}
+
+        def accuracy(V: Tensor) -> float:
+            final = self._final(problem.stats, V)
+            if not self.refits:
+                return passes.accuracy(network, val, problem.weights_with_groups(final))
+            kept = tuple(active_groups(final, problem.group).tolist())
+            if kept not in seen:
+                seen[kept] = passes.accuracy(network, val, problem.weights_with_groups(final))
+            return seen[kept]
+
+        return accuracy
 
     # --- 2'. one budget for many groups ----------------------------------------------------------
     def allocate(self, network: nn.Module, plans: list[LayerPlan], passes_for: Callable[[Sequence[str]], DataPasses],

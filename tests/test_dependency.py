@@ -253,3 +253,27 @@ def test_a_weight_in_the_wrong_shape_is_refused():
     with pytest.raises(ValueError, match="needs a weight for every consumer"):
         remove_neurons(model, analyse_layer(model, "layer2.1.conv1"), {"layer2.1.conv1": model.layer2[1].conv1.weight})
     assert group.width == 16
+
+
+def test_a_tail_for_inference_folds_its_batchnorms_and_leaves_the_network_untouched():
+    """What a candidate's validation runs (``models.tail.for_inference``): the tail after a
+    block input with every BatchNorm folded into its convolution, channels-last, the same
+    logits; the network's own weights keep their values and layout."""
+    from models.tail import Narrowed, cut_before, for_inference, prefix, tail
+
+    model = randomise_norms(CifarResNet(20))
+    before = {name: (value.clone(), value.stride()) for name, value in model.state_dict().items()}
+    cut = cut_before(model, ["layer2.1.conv1"])
+    V = model.layer2[1].conv1.weight.detach().reshape(32, -1).clone()
+    V[:, :9 * 5] = 0  # a candidate without five of the stream's channels
+    rest = tail(model, cut, {"layer2.1.conv1": Narrowed(model.layer2[1].conv1, V, 9)}).eval()
+    fast = for_inference(rest)
+    called = [fast.get_submodule(n.target) for n in fast.graph.nodes if n.op == "call_module"]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in called) == 1  # the candidate's own, after a Narrowed
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in rest.modules()) == 11  # 2 in each of 5 blocks, 1 shortcut
+    middle = prefix(model, cut)(torch.rand(16, 3, 32, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(middle.contiguous(memory_format=torch.channels_last)), rest(middle),
+                                   rtol=1e-4, atol=1e-5)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name][0]) and value.stride() == before[name][1], name

@@ -287,3 +287,39 @@ def test_an_accuracy_walk_stops_at_the_first_candidate_that_keeps_every_group():
     lam_search = search.LambdaSearch(solve, 1.0, evaluate=lambda V: 0.5)
     assert lam_search.at_accuracy(0.9) is None
     assert [c.width for c in lam_search.candidates] == [2, 4, 8]
+
+
+def test_an_accuracy_search_validates_each_kept_set_once(toy, tmp_path):
+    """With a refit, surgery's weights depend on the kept neurons alone: a candidate that keeps
+    the same neurons as one already validated gets that accuracy without another pass; without
+    a refit every candidate is its own network and is validated."""
+    from compression.layer_problem import LayerProblem
+    from grouplasso import StatsAccumulator, active_groups
+
+    torch.manual_seed(0)
+    x = torch.randn(500, 6, dtype=torch.float64)
+    W = torch.randn(3, 6, dtype=torch.float64)
+    accumulator = StatsAccumulator(6, 3)
+    accumulator.update(x, x @ W.T)
+    problem = LayerProblem.of(accumulator.finalize(), W)
+
+    class Passes:  # the validation pass: records the weights it is asked about
+        def __init__(self):
+            self.seen = []
+
+        def accuracy(self, network, cut, weights):
+            V, _ = weights["layer"]
+            self.seen.append(V)
+            return float(len(active_groups(V, 1))) / 10
+
+    same = torch.zeros(3, 6, dtype=torch.float64)
+    same[:, :2] = 1.0
+    scaled, other = 0.5 * same, same.clone()
+    other[:, 4] = 1.0
+    for debias, passes_expected in ((True, 2), (False, 3)):
+        passes = Passes()
+        evaluate = pipeline(toy, tmp_path, debias=debias)._validation(toy, problem, passes, None)
+        accuracies = [evaluate(V) for V in (same, scaled, other)]
+        assert accuracies == [0.2, 0.2, 0.3] and len(passes.seen) == passes_expected
+        if debias:  # the pass saw the refit: least squares on the kept columns
+            torch.testing.assert_close(passes.seen[0][:, :2], torch.linalg.lstsq(x[:, :2], x @ W.T).solution.T)
