@@ -106,7 +106,7 @@ def for_inference(module: fx.GraphModule) -> nn.Module:
     BatchNorm that follows a convolution folded into it (w' = w * gamma / sqrt(var + eps),
     b' = (b - mean) * gamma / sqrt(var + eps) + beta) and 4-d weights in channels-last layout,
     for inputs in that layout; the network's own layers are untouched. On ResNet-56's tails the
-    two halve the time of a validation pass. The logits move by float32 rounding (1e-6 there),
+    two halve the time of a validation pass. The logits move by float32 rounding (1e-5 there),
     so an argmax can differ on an image whose two best classes tie to that precision. A module
     without convolutions is returned as it is."""
     if not any(isinstance(m, nn.Conv2d) for m in module.modules()):
