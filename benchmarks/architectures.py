@@ -11,8 +11,10 @@ For each network (trained here on Fashion-MNIST by ``train.py --config <net>_fas
   network, chosen together), ``cumulative`` and ``layer_by_layer`` (``--target.share
   cumulative``: the groups in network order on the network compressed so far, layer i of n
   may lose i/n of the budget; each refit reproducing the current network's outputs, or the
-  original's, ``--target.refit_to``), and ``internal`` (the internal widths alone, the groups
-  with one producer: what the coupled residual channels add);
+  original's, ``--target.refit_to``), ``cumulative_macs`` (layer by layer, refit to the
+  original, each group's share of the budget in proportion to its multiply-adds), and
+  ``internal`` (the internal widths alone, the groups with one producer: what the coupled
+  residual channels add);
 - Torch-Pruning (group magnitude and Taylor importance, through its own dependency graph)
   pruning every group to the widths of each lasso run, with 0 and 1 epoch of the same
   fine-tuning;
@@ -180,6 +182,8 @@ COMPARISONS = {
                    ["--target.share", "cumulative", "--target.refit_to", "current"]),
     "layer_by_layer": ("lasso_refit, layer by layer, refit to the original",
                        ["--target.share", "cumulative", "--target.refit_to", "original"]),
+    "cumulative_macs": ("lasso_refit, layer by layer, refit to the original, shares by multiply-adds",
+                        ["--target.share", "cumulative_macs", "--target.refit_to", "original"]),
     "internal": ("lasso_refit, internal widths only", []),  # the layers are the single-producer ones
 }
 

@@ -63,9 +63,13 @@ class _Shard(IterableDataset):
         return -(-self.features.n // self.batch_size)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum(tensor: Tensor) -> Tensor:
     """Sum over the processes of a DDP run (the tensor itself in a single process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         tensor = tensor.clone()
         dist.all_reduce(tensor)
     return tensor
@@ -194,7 +198,7 @@ class DataPasses:
         head = network.get_submodule(self.head).eval()
         relative = [relative_name(self.head, layer) for layer in layers]
         cut = cut_before(head, relative)
-        front = prefix(head, cut)
+        front = for_inference(prefix(head, cut).eval())  # BatchNorm folded, channels-last: as the tails run
         device = self.trainer.compute_device
         if self.head:
             batches: Iterator = self.features(network, split).batches(self.batch_size)
@@ -209,34 +213,105 @@ class DataPasses:
                 for x, y in batches:
                     if limit is not None and sum(map(len, labels)) >= limit:
                         break
-                    inputs.append(front(x.to(device)).cpu())
+                    x = x.to(device)
+                    inputs.append(front(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x).cpu())
                     labels.append(y)
         finally:
             head.cpu()
         return CutInputs(self.head, cut, torch.cat(inputs), torch.cat(labels))
 
-    def accuracy(self, network: nn.Module, cut: "CutInputs", weights: dict[str, tuple[Tensor, int]],
-                 batch_size: int = 4096) -> float:
-        """Accuracy over all processes of ``network`` with the layers in ``weights`` (module path ->
-        (V in the layer's problem layout (D, K), its group size)) given those weights, computed
-        from ``cut``'s stored tensor: ``models.tail.tail`` with the layers ``Narrowed`` to V's
-        nonzero groups."""
+    def accuracy(self, network: nn.Module, cut: "CutInputs", weights: dict[str, tuple[Tensor, int]]) -> float:
+        """Accuracy over all processes of ``network`` with the layers in ``weights`` given those
+        weights (``judge``)."""
+        return self.judge(network, cut, weights).accuracy
+
+    def judge(self, network: nn.Module, cut: "CutInputs", weights: dict[str, tuple[Tensor, int]],
+              reference: Optional[Tensor] = None, floor: Optional[float] = None,
+              batch_size: int = 500) -> "Verdict":
+        """``network`` with the layers in ``weights`` (module path -> (V in the layer's problem
+        layout (D, K), its group size)) given those weights, judged on ``cut``'s stored tensor:
+        ``models.tail.tail`` with the layers ``Narrowed`` to V's nonzero groups.
+
+        ``reference``: which of this process's images another network gets right (bool (n,),
+        e.g. the network before this group's cut); the verdict then counts the images lost and
+        gained against it, for the standard error of the difference. With a ``floor`` too, the
+        pass stops early on a clear failure: after each batch, when even the accuracy
+        ``GIVE_UP_SE`` standard errors above the estimate from the images so far is below the
+        floor (the paired difference from ``reference`` on those images, added to the
+        reference's accuracy on all of them). A search's sparsest candidates lose points, not
+        images; at four standard errors a candidate that would pass is stopped with probability
+        about 3e-5 per batch."""
         head = network.get_submodule(self.head).eval()
         replace = {relative_name(self.head, layer): Narrowed(network.get_submodule(layer), V, group)
                    for layer, (V, group) in weights.items()}
         device = self.trainer.compute_device
         rest = for_inference(tail(head, cut.cut, replace).eval()).to(device)
         layout = torch.channels_last if cut.inputs.dim() == 4 else torch.contiguous_format  # for_inference's
-        correct = torch.zeros((), dtype=torch.float64)
+        n = int(all_reduce_sum(torch.tensor(float(len(cut.labels)), dtype=torch.float64)).item())
+        require_samples(n)
+        base = None if reference is None else float(all_reduce_sum(reference.sum().to(torch.float64))) / n
+        correct = torch.zeros(len(cut.labels), dtype=torch.bool)
+        seen = len(cut.labels)
+        # one process only: under DDP the shards' batch counts can differ, and every check all-reduces
+        early = floor is not None and reference is not None and not _distributed()
         try:
             with torch.no_grad():
                 for start in range(0, len(cut.inputs), batch_size):
-                    logits = rest(cut.inputs[start:start + batch_size].to(device).contiguous(memory_format=layout))
-                    correct += (logits.argmax(1).cpu() == cut.labels[start:start + batch_size]).sum()
+                    end = start + batch_size
+                    logits = rest(cut.inputs[start:end].to(device).contiguous(memory_format=layout))
+                    correct[start:end] = logits.argmax(1).cpu() == cut.labels[start:end]
+                    if early and end < len(cut.labels):
+                        partial = Verdict.count(correct[:end], reference[:end], all_reduce_sum)
+                        if base - partial.difference + GIVE_UP_SE * partial.se < floor:
+                            seen = end
+                            break
         finally:
             head.cpu()
-        n = all_reduce_sum(torch.tensor(float(len(cut.labels)), dtype=torch.float64))
-        return float(all_reduce_sum(correct) / require_samples(int(n.item())))
+        return Verdict.count(correct[:seen], None if reference is None else reference[:seen], all_reduce_sum,
+                             base=base)
+
+
+GIVE_UP_SE = 4.0  # ``DataPasses.judge``: standard errors of a clear failure
+
+
+@dataclass
+class Verdict:
+    """A network judged on ``images`` images (over all processes): its ``accuracy``; against a
+    reference network's per-image correctness, the images it ``lost`` (the reference right, it
+    wrong) and ``gained``. ``correct``: this process's per-image correctness (bool (n,)).
+
+    ``difference`` = (lost - gained) / images is the accuracy the reference has above it on
+    these images, and ``se`` the standard error of that paired difference,
+    sqrt(lost + gained - (lost - gained)^2 / images) / images. A verdict on part of the images
+    (``DataPasses.judge`` stopped early) estimates the accuracy on all of them as the
+    reference's there minus ``difference``."""
+
+    accuracy: float
+    images: int
+    correct: Tensor = field(repr=False)
+    lost: int = 0
+    gained: int = 0
+
+    @classmethod
+    def count(cls, correct: Tensor, reference: Optional[Tensor], reduce: Any, base: Optional[float] = None) -> "Verdict":
+        sums = [correct.sum(), torch.tensor(len(correct))]
+        if reference is not None:
+            sums += [(reference & ~correct).sum(), (~reference & correct).sum()]
+        right, images, *against = (int(v) for v in reduce(torch.stack(sums).to(torch.float64)))
+        lost, gained = against or (0, 0)
+        verdict = cls(accuracy=right / max(images, 1), images=images, correct=correct, lost=lost, gained=gained)
+        if base is not None and reference is not None:
+            verdict.accuracy = base - verdict.difference  # on all images, estimated when stopped early
+        return verdict
+
+    @property
+    def difference(self) -> float:
+        return (self.lost - self.gained) / max(self.images, 1)
+
+    @property
+    def se(self) -> float:
+        d = self.lost - self.gained
+        return max(self.lost + self.gained - d * d / max(self.images, 1), 0.0) ** 0.5 / max(self.images, 1)
 
 
 @dataclass

@@ -41,7 +41,7 @@ from compression.allocation import Option, by_efficiency, choose, longest_prefix
 from compression.baselines import IMPORTANCES, equal_width_weights, torch_pruning_available, torch_pruning_network
 from compression.finetune import FinetuneSettings, finetune
 from compression.layer_problem import LayerProblem
-from compression.passes import CutInputs, DataPasses, head_of
+from compression.passes import CutInputs, DataPasses, Verdict, head_of
 from compression.reference import ReferenceOutputs
 from compression.search import Candidate, LambdaSearch
 from compression.settings import Target, TrainerSettings
@@ -131,6 +131,24 @@ def _per_layer(values: list, layers: list[str], what: str) -> list:
     return list(values) * len(layers) if len(values) == 1 else list(values)
 
 
+def cumulative_shares(budget: float, weights: Sequence[float]) -> list[float]:
+    """The accuracy (points) the network may have lost after each of n groups, compressed in
+    order: budget * (w_1 + ... + w_i) / (w_1 + ... + w_n), so that what one group leaves unused
+    passes to the next. Equal weights give i/n of the budget; ``share: cumulative_macs`` weighs
+    each group by the multiply-adds of the modules that lose its channels (on ResNet-56 a
+    residual stream's, read and written by every block of its stage, are ten times an internal
+    width's: in equal parts the first stream could lose 1.5 validation images)."""
+    total = float(sum(weights))
+    if total <= 0:
+        weights, total = [1.0] * len(weights), float(len(weights))
+    shares, running = [], 0.0
+    for w in weights:
+        running += w
+        shares.append(budget * running / total)
+    shares[-1] = float(budget)  # exactly, whatever the rounding of the sum
+    return shares
+
+
 def _safe_tag(layer: str) -> str:
     return layer.replace("/", "_")
 
@@ -140,7 +158,8 @@ def describe_plan(analysis: NetworkAnalysis, plans: list[LayerPlan], target: Tar
     how = {"lambda": "at lambda {:g}", "ratio": "at {:g} of its lambda_max", "width": "to width {:g}"}
     if plans[0].how == "accuracy":
         share = ("shared by the multiply-adds each group's candidates save per validation image lost"
-                 if allocate else "shared cumulatively, layer by layer")
+                 if allocate else "shared cumulatively, layer by layer, in proportion to each group's multiply-adds"
+                 if target.share == "cumulative_macs" else "shared cumulatively, layer by layer")
         head = f"compressing {len(plans)} group(s) of neurons within {target.max_accuracy_drop:g} point(s) of " \
                f"validation accuracy, {share}:"
     else:
@@ -171,6 +190,11 @@ class CompressionPipeline:
     (None: all; the chosen set is always re-validated on all of them).
     """
 
+    # The network the next group's search starts from, and which of this process's validation
+    # images it gets right (the kept candidate's verdict): the reference of every candidate's
+    # paired difference, without a pass of its own.
+    _val_before: Optional[tuple[nn.Module, Tensor]] = field(default=None, init=False, repr=False)
+
     network: nn.Module
     spec: NetworkSpec
     datamodule: pl.LightningDataModule
@@ -189,6 +213,7 @@ class CompressionPipeline:
     conv_sampling: dict[str, Any] = field(default_factory=dict)
     train_limit: Optional[int] = None
     candidate_images: Optional[int] = None
+    margin_se: float = 0.0  # ``Target.margin_se``: standard errors by which a candidate clears its floor
     max_tries: int = 10  # re-validations of an allocation (one pass over the validation split each)
     cache_max_bytes: Optional[int] = None  # what ``cache_dir`` may hold (``compression.cache``)
     export: tuple[str, ...] = ()  # "onnx", "torchscript": files written and checked at the end
@@ -261,10 +286,20 @@ class CompressionPipeline:
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < 100:
                 raise ValueError(f"target.max_accuracy_drop is in percentage points of validation accuracy, from 0 "
                                  f"(no loss allowed) to below 100; got {budget!r}")
-            if target.share == "cumulative" or len(labels) == 1:
-                # Shared out in equal parts, cumulatively: after layer i of n the network may have lost
-                # i/n of the budget, so what one layer leaves unused passes to the next.
-                values = [budget * (i + 1) / len(labels) for i in range(len(labels))]
+            margin = self.margin_se
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 10:
+                raise ValueError(f"target.margin_se is a number of standard errors from 0 (none) to 10 (1 is usual); "
+                                 f"got {margin!r}")
+            if margin and target.share == "macs" and len(labels) > 1:
+                raise ValueError("target.margin_se applies to each group's own accuracy floor (--target.share "
+                                 "cumulative or cumulative_macs, or one layer); share: macs judges candidates by the "
+                                 "images they lose and re-validates the chosen set: set margin_se 0 or change the share")
+            if target.share == "cumulative_macs" and len(labels) > 1:
+                self.datamodule.setup("fit")  # the input shape, for the multiply-adds
+                macs = module_macs(self.network, self.input_shape)
+                values = cumulative_shares(budget, [sum(macs.get(m, 0) for m in g.modules) for g in groups])
+            elif target.share == "cumulative" or len(labels) == 1:
+                values = cumulative_shares(budget, [1.0] * len(labels))
             else:  # ``allocate`` shares the whole budget by what each group's candidates buy
                 values = [float(budget)] * len(labels)
             how = "accuracy"
@@ -442,6 +477,7 @@ class CompressionPipeline:
             lambdas = path or [check_ratio(r, "path ratio") * top for r in path_ratios]
             rows = self.regularisation_path(network, problem, lambdas, plan, passes, test)
         solution: Optional[Solution] = None
+        found: Optional[Candidate] = None
         if plan.how in ("lambda", "ratio"):
             lam = plan.value if plan.how == "lambda" else plan.value * top
             self._check_below_lambda_max(lam, top, plan.layer)
@@ -468,7 +504,12 @@ class CompressionPipeline:
         V = self._finish_entry(entry, problem, solution, V)
         if targets is not None:
             targets.removed(group, entry["kept_indices"])
-        return remove_neurons(network, group, problem.weights(V)).eval(), entry
+        smaller = remove_neurons(network, group, problem.weights(V)).eval()
+        if plan.how == "accuracy" and self._val_before is not None and self._val_before[0] is network:
+            # the next search's reference: the kept candidate's verdict, or the same images right
+            self._val_before = (smaller, self._val_before[1] if found is None or found.val_correct is None
+                                else found.val_correct)
+        return smaller, entry
 
     def compare_baselines(self, network: nn.Module, group: NeuronGroup, problem: LayerProblem, plan: LayerPlan,
                           passes: DataPasses, test: CutInputs, widths: list[int],
@@ -522,34 +563,43 @@ class CompressionPipeline:
             val = passes.cut_inputs(network, "val", consumers)
             floor = reference["val_accuracy"] - plan.value / 100
             entry["val_accuracy_floor"] = floor
-            search = self._searcher(problem, plan, self._validation(network, problem, passes, val))
-            found = search.at_accuracy(floor)
+            if self._val_before is None or self._val_before[0] is not network:
+                self._val_before = (network, passes.judge(network, val, {}).correct)
+            search = self._searcher(problem, plan, self._validation(network, problem, passes, val, floor))
+            found = search.at_accuracy(floor, margin=self.margin_se)
+            if self.margin_se:
+                entry["margin_se"] = self.margin_se
             if found is None:
                 rank_zero_warn(f"{plan.layer!r}: no width (down to lambda = {search.min_ratio:g} * lambda_max, or to the "
                                f"first candidate that keeps every group) keeps "
-                               f"validation accuracy at {100 * floor:.2f}% or above (the original network has "
-                               f"{100 * reference['val_accuracy']:.2f}%); the layer keeps its full width")
+                               f"validation accuracy at {100 * floor:.2f}% or above"
+                               + (f" by {self.margin_se:g} standard errors" if self.margin_se else "") +
+                               f" (the original network has {100 * reference['val_accuracy']:.2f}%); the layer keeps "
+                               "its full width")
         entry["candidates"] = [c.row() for c in search.candidates]
         return found
 
-    def _validation(self, network: nn.Module, problem: LayerProblem, passes: DataPasses,
-                    val: CutInputs) -> Callable[[Tensor], float]:
-        """Validation accuracy of the network with the group's weights V (what surgery would use of
-        them, ``_final``). With a refit those weights depend on the kept groups alone, so a
-        candidate that keeps the same groups as one already validated is not validated again
-        (the lambda walk meets the same few neurons at several lambdas: a tail pass each)."""
-        seen: dict[tuple[int, ...], float] = {}
+    def _validation(self, network: nn.Module, problem: LayerProblem, passes: DataPasses, val: CutInputs,
+                    floor: float) -> Callable[[Tensor], Verdict]:
+        """The verdict on the validation split of the network with the group's weights V (what
+        surgery would use of them, ``_final``), against the network before the cut
+        (``_val_before``), stopped early when it clearly fails ``floor`` (``DataPasses.judge``).
+        With a refit those weights depend on the kept groups alone, so a candidate that keeps the
+        same groups as one already validated is not validated again (the lambda walk meets the
+        same few neurons at several lambdas: a tail pass each)."""
+        seen: dict[tuple[int, ...], Verdict] = {}
+        before = self._val_before[1]
 
-        def accuracy(V: Tensor) -> float:
+        def judge(V: Tensor) -> Verdict:
             final = self._final(problem.stats, V)
             if not self.refits:
-                return passes.accuracy(network, val, problem.weights_with_groups(final))
+                return passes.judge(network, val, problem.weights_with_groups(final), before, floor)
             kept = tuple(active_groups(final, problem.group).tolist())
             if kept not in seen:
-                seen[kept] = passes.accuracy(network, val, problem.weights_with_groups(final))
+                seen[kept] = passes.judge(network, val, problem.weights_with_groups(final), before, floor)
             return seen[kept]
 
-        return accuracy
+        return judge
 
     # --- 2'. one budget for many groups ----------------------------------------------------------
     def allocate(self, network: nn.Module, plans: list[LayerPlan], passes_for: Callable[[Sequence[str]], DataPasses],
@@ -735,6 +785,10 @@ class CompressionPipeline:
         if not self.is_global_zero:
             return
         accuracy = "" if candidate.val_accuracy is None else f", validation {100 * candidate.val_accuracy:.2f}%"
+        if candidate.val_se is not None:
+            accuracy += f" (standard error {100 * candidate.val_se:.2f} against the network before the cut" + (
+                f"; stopped after {candidate.val_images} images, a clear failure)"
+                if candidate.val_images < len(self.datamodule.val_set) else ")")
         kept = "" if self.round_to == 1 else f" (kept {self._kept(problem, candidate.width)})"
         rank_zero_info(f"[{layer}] lambda {candidate.lam:.4g} ({candidate.ratio:.3g} lambda_max): width "
                        f"{candidate.width}{kept}{accuracy}, certified to a gap of {candidate.rel_gap:.1e} in "

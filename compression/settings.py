@@ -71,9 +71,19 @@ class Target:
             what each layer's certified candidates buy, multiply-adds saved per validation image
             lost, chosen together by a knapsack and re-validated on the whole network
             (``compression.allocation``); ``cumulative``: layer i of n, compressed in order on the
-            network compressed so far, may bring the loss to i/n of the budget.
+            network compressed so far, may bring the loss to i/n of the budget;
+            ``cumulative_macs``: the same, with each group's part in proportion to the
+            multiply-adds of the modules that lose its channels
+            (``compression.pipeline.cumulative_shares``).
         candidate_images: with ``share: macs``, judge each layer's candidates on the first this
             many validation images only (None: all); the chosen set is re-validated on all.
+        margin_se: an accuracy floor is met by a candidate only when its validation accuracy
+            clears it by this many standard errors of its difference from the network before the
+            cut (paired over the same images; 0: no margin). The search keeps the narrowest
+            candidate that passes, so with many layers judged on the same images its luck adds
+            up; 1 accepts a cut only when its loss is below the allowance by more than its own
+            measurement noise (``compression.search.LambdaSearch.at_accuracy``). For floors per
+            group: ``share: cumulative`` or ``cumulative_macs``, or one layer.
         refit_to: when layers are compressed one after the other (``share: cumulative``, a
             width, lambdas), what a later layer's refit reproduces: ``current``, its outputs in
             the network compressed so far; ``original``, the original network's outputs, from
@@ -85,8 +95,9 @@ class Target:
 
     max_accuracy_drop: Optional[float] = None
     width: Optional[list[int]] = None
-    share: Literal["macs", "cumulative"] = "macs"
+    share: Literal["macs", "cumulative", "cumulative_macs"] = "macs"
     candidate_images: Optional[int] = None
+    margin_se: float = 0.0
     refit_to: Literal["current", "original"] = "current"
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -12,7 +13,7 @@ import torch
 
 from callbacks.convergence import Convergence
 from compression.baselines import torch_pruning_available
-from compression.passes import DataPasses
+from compression.passes import DataPasses, Verdict
 from compression.pipeline import CompressionPipeline
 from compression.report import format_report, plot_path, write_report
 from compression.settings import Target, TrainerSettings
@@ -81,7 +82,8 @@ def test_two_layers_by_width_and_the_report_says_how_each_was_chosen(toy, tmp_pa
 
 
 def test_accuracy_budget_missed_at_every_width_keeps_the_layer(toy, tmp_path, monkeypatch):
-    monkeypatch.setattr(DataPasses, "accuracy", lambda *args, **kwargs: 0.0)
+    monkeypatch.setattr(DataPasses, "judge", lambda self, network, cut, *args, **kwargs: Verdict(
+        0.0, len(cut.labels), torch.zeros(len(cut.labels), dtype=torch.bool)))
     with pytest.warns(UserWarning, match="keeps its full width"):
         report = pipeline(toy, tmp_path).run(["4"], target=Target(max_accuracy_drop=1.0))
     entry = report["layers"][0]
@@ -307,7 +309,7 @@ def test_an_accuracy_search_validates_each_kept_set_once(toy, tmp_path):
         def __init__(self):
             self.seen = []
 
-        def accuracy(self, network, cut, weights):
+        def judge(self, network, cut, weights, before, floor):
             V, _ = weights["layer"]
             self.seen.append(V)
             return float(len(active_groups(V, 1))) / 10
@@ -318,8 +320,99 @@ def test_an_accuracy_search_validates_each_kept_set_once(toy, tmp_path):
     other[:, 4] = 1.0
     for debias, passes_expected in ((True, 2), (False, 3)):
         passes = Passes()
-        evaluate = pipeline(toy, tmp_path, debias=debias)._validation(toy, problem, passes, None)
+        runner = pipeline(toy, tmp_path, debias=debias)
+        runner._val_before = (toy, torch.ones(10, dtype=torch.bool))
+        evaluate = runner._validation(toy, problem, passes, None, 0.5)
         accuracies = [evaluate(V) for V in (same, scaled, other)]
         assert accuracies == [0.2, 0.2, 0.3] and len(passes.seen) == passes_expected
         if debias:  # the pass saw the refit: least squares on the kept columns
             torch.testing.assert_close(passes.seen[0][:, :2], torch.linalg.lstsq(x[:, :2], x @ W.T).solution.T)
+
+
+def test_a_verdict_counts_the_paired_difference_and_its_standard_error():
+    """Lost and gained images against a reference, and the standard error of the paired
+    difference, against numpy's mean and standard deviation of the per-image differences."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    reference = rng.random(1000) < 0.9
+    correct = reference ^ (rng.random(1000) < 0.06)
+    verdict = Verdict.count(torch.from_numpy(correct), torch.from_numpy(reference), lambda t: t)
+    d = reference.astype(float) - correct.astype(float)
+    assert verdict.accuracy == pytest.approx(correct.mean()) and verdict.images == 1000
+    assert (verdict.lost, verdict.gained) == ((reference & ~correct).sum(), (~reference & correct).sum())
+    assert verdict.difference == pytest.approx(d.mean())
+    assert verdict.se == pytest.approx(d.std() / np.sqrt(1000))
+
+
+def test_a_validation_pass_stops_early_only_on_a_clear_failure(toy, tmp_path):
+    """A candidate that keeps one of 40 neurons fails the floor by far: the pass stops after a few
+    batches, and its estimate (the reference's accuracy minus the difference so far) is below
+    the floor, as is its accuracy on all images. The layer's own weights pass: every image is
+    judged, and the accuracy is the original's exactly."""
+    runner = pipeline(toy, tmp_path)
+    runner.datamodule.setup("fit")
+    passes = DataPasses(runner.datamodule, "", runner.trainer, None, tmp_path)
+    cut = passes.cut_inputs(toy, "val", ["4"])
+    n = len(cut.labels)
+    before = passes.judge(toy, cut, {})
+    _, problem, _ = runner.layer_problem(toy, "4", passes)
+    floor = before.accuracy - 0.01
+    one = problem.W.to(torch.float64).clone()
+    one[:, 1:] = 0.0
+    bad = problem.weights_with_groups(one)
+    stopped = passes.judge(toy, cut, bad, before.correct, floor, batch_size=20)
+    whole = passes.judge(toy, cut, bad, before.correct, batch_size=20)
+    assert stopped.images < n and whole.images == n
+    assert stopped.accuracy < floor and whole.accuracy < floor
+    same = passes.judge(toy, cut, problem.weights_with_groups(problem.W.to(torch.float64)), before.correct, floor,
+                        batch_size=20)
+    assert same.images == n and same.accuracy == pytest.approx(before.accuracy) and same.lost == same.gained == 0
+
+
+def test_a_margin_of_standard_errors_keeps_a_wider_candidate():
+    """Widths 2, 3, 4, 5, 8 with validation accuracy 0.86 + 0.01 * width and a standard error of
+    0.012: at the floor 0.895 width 4 passes without a margin; one standard error asks for 0.907,
+    which width 5 has."""
+    import compression.search as search
+
+    def solve(lam, V0, seconds):
+        V = torch.zeros(2, 8)
+        V[:, :min(8, int(1 / lam))] = 1.0
+        return V, 1e-7
+
+    def evaluate(V):
+        width = int((V.abs().sum(0) > 0).sum())
+        return SimpleNamespace(accuracy=0.86 + 0.01 * width, se=0.012, images=1000, correct=None)
+
+    assert search.LambdaSearch(solve, 1.0, evaluate=evaluate).at_accuracy(0.895).width == 4
+    assert search.LambdaSearch(solve, 1.0, evaluate=evaluate).at_accuracy(0.895, margin=1.0).width == 5
+
+
+def test_a_margin_run_records_each_candidate_s_standard_error(toy, tmp_path):
+    """With ``margin_se``, every candidate row has its standard error and images judged, and the
+    kept candidate clears the floor by the margin; a negative margin is refused up front."""
+    report = pipeline(toy, tmp_path, margin_se=1.0).run(["4"], target=Target(max_accuracy_drop=2.0))
+    entry = report["layers"][0]
+    assert entry["margin_se"] == 1.0 and all({"val_se", "val_images"} <= set(c) for c in entry["candidates"])
+    kept = [c for c in entry["candidates"] if c["width"] == entry["active"]]
+    assert any(c["val_accuracy"] - c["val_se"] >= entry["val_accuracy_floor"] for c in kept)
+    assert report["after"]["val_accuracy"] >= entry["val_accuracy_floor"]
+    with pytest.raises(ValueError, match="margin_se"):
+        pipeline(toy, tmp_path, margin_se=-1.0).plan(["4"], target=Target(max_accuracy_drop=1.0))
+    with pytest.raises(ValueError, match="share: macs judges candidates"):
+        pipeline(toy, tmp_path, margin_se=1.0).plan(["2", "4"], target=Target(max_accuracy_drop=1.0))
+
+
+def test_a_cumulative_budget_by_multiply_adds_gives_each_group_its_part(toy, tmp_path):
+    """``share: cumulative_macs``: after each group the network may have lost the budget times the
+    multiply-adds of the groups so far over all of them; ``cumulative``: i/n of it."""
+    def shares(share: str) -> list[float]:
+        plans = pipeline(toy, tmp_path).plan(["2", "4"], target=Target(max_accuracy_drop=1.0, share=share))
+        return [plan.value for plan in plans]
+
+    # the 48 neurons read by "2" are made by "0" (8 -> 48) and read by "2" (48 -> 40); the 40 read
+    # by "4", made by "2" and read by "4" (40 -> 3)
+    first, second = 8 * 48 + 48 * 40, 48 * 40 + 40 * 3
+    assert shares("cumulative_macs") == pytest.approx([first / (first + second), 1.0])
+    assert shares("cumulative") == pytest.approx([0.5, 1.0])
