@@ -237,8 +237,8 @@ class DataPasses:
         gained against it, for the standard error of the difference. With a ``floor`` too, the
         pass stops early on a clear failure: after each batch, when even the accuracy
         ``GIVE_UP_SE`` standard errors above the estimate from the images so far is below the
-        floor (the paired difference from ``reference`` on those images, added to the
-        reference's accuracy on all of them). A search's sparsest candidates lose points, not
+        floor (the estimate: the reference's accuracy on all images minus the paired
+        difference from it on the images so far). A search's sparsest candidates lose points, not
         images; at four standard errors a candidate that would pass is stopped with probability
         about 3e-5 per batch."""
         head = network.get_submodule(self.head).eval()
