@@ -4,8 +4,9 @@ Torch-Pruning at the same widths, with 0 and 1 epoch of fine-tuning.
 For each network (trained here on Fashion-MNIST by ``train.py --config <net>_fashion.yaml``):
 - ``compress.py --config <net>_fashion.yaml`` (every compressible layer, certified candidates
   refit by least squares, the budget shared as the config says) at a 1-point budget and at a
-  larger one, each followed by 1 epoch of fine-tuning (the ``Classifier`` at 0.1 x the training
-  learning rate);
+  larger one, each followed by 1 epoch of fine-tuning (the config's ``finetune`` section: the
+  ``Classifier`` at its learning rate, distilling from the original where it says so), run here
+  by the same call as the peers' below;
 - at the first budget, without fine-tuning, the other ways of sharing it (``--comparisons``):
   ``knapsack`` (``--target.share macs``: every group's candidates judged alone on the original
   network, chosen together), ``cumulative`` and ``layer_by_layer`` (``--target.share
@@ -17,7 +18,7 @@ For each network (trained here on Fashion-MNIST by ``train.py --config <net>_fas
   residual channels add);
 - Torch-Pruning (group magnitude and Taylor importance, through its own dependency graph)
   pruning every group to the widths of each lasso run, with 0 and 1 epoch of the same
-  fine-tuning;
+  fine-tuning (the config's ``finetune`` section, distillation from the original included);
 - batch-1 CPU latency of every network, measured in turns in one process at the end.
 
     python -m benchmarks.architectures --network resnet56 [--checkpoint ...] [--budgets 1 2] [--finetune_epochs 0]
@@ -42,8 +43,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+import yaml
 
 from benchmarks import read_results, write_results
+from cli.base import resolve_config_path
 from cli.setup import configure_process
 from compress import main as compress
 from compression.baselines import torch_pruning_at_widths
@@ -86,6 +89,13 @@ def lasso_run(args: argparse.Namespace, work: Path, name: str, *extra: str) -> t
     seconds = time.perf_counter() - start
     timing.write_text(json.dumps({"seconds": seconds}))
     return report, seconds
+
+
+def config_finetune(network: str, epochs: int) -> FinetuneSettings:
+    """The fine-tuning of ``configs/compress/<network>_fashion.yaml`` (its ``finetune`` section:
+    learning rate, dropout, distillation), for ``epochs``: the peers get the lasso's own."""
+    config = yaml.safe_load(Path(resolve_config_path(f"{network}_fashion", "compress")).read_text())
+    return FinetuneSettings(**{**(config.get("finetune") or {}), "epochs": epochs})
 
 
 def internal_layers(checkpoint: str) -> list[str]:
@@ -132,8 +142,7 @@ def main_runs(args: argparse.Namespace, work: Path, describe: Optional[Describe]
 
     def record(name: str, report: dict, seconds: float) -> dict[str, int]:
         widths = {e["module"]: e["width_after"] for e in report["layers"]}
-        tuning = (report.get("finetune") or {}).get("seconds", 0.0)
-        runs[name] = {"seconds": seconds, "compress_seconds": seconds - tuning, "finetune_seconds": tuning,
+        runs[name] = {"seconds": seconds, "compress_seconds": seconds, "finetune_seconds": 0.0,
                       "passes_seconds": report.get("passes_seconds"),
                       "allocation": report.get("allocation"), "widths": widths,
                       "widths_before": {e["module"]: e["width_before"] for e in report["layers"]},
@@ -144,12 +153,15 @@ def main_runs(args: argparse.Namespace, work: Path, describe: Optional[Describe]
 
     for budget in args.budgets:
         report, seconds = lasso_run(args, work, f"macs{budget:g}", "--target.max_accuracy_drop", str(budget),
-                                    "--finetune.epochs", str(args.finetune_epochs))
+                                    "--finetune.epochs", "0")
         widths = record(f"macs{budget:g}", report, seconds)
-        add("lasso_refit", 0, load_network(report.get("network_after_surgery", report["network"])), widths, budget,
-            seconds=seconds)
-        if args.finetune_epochs:
-            add("lasso_refit", args.finetune_epochs, load_network(report["network"]), widths, budget)
+        add("lasso_refit", 0, load_network(report["network"]), widths, budget, seconds=seconds)
+        if args.finetune_epochs:  # the peers' fine-tuning below, by the same call
+            tuned, details = finetune(Path(report["network"]), spec, dm,
+                                      config_finetune(args.network, args.finetune_epochs), hparams,
+                                      run_folder(args, work, f"macs{budget:g}"), trainer, teacher=original)
+            runs[f"macs{budget:g}"]["finetune_seconds"] = details["seconds"]
+            add("lasso_refit", args.finetune_epochs, tuned, widths, budget)
         loss_batches = CompressionPipeline(original, spec, dm, work)._loss_batches()
         for importance in ("magnitude", "taylor"):
             pruned = torch_pruning_at_widths(original, widths, importance, example_inputs=torch.zeros(1, *shape),
@@ -158,8 +170,8 @@ def main_runs(args: argparse.Namespace, work: Path, describe: Optional[Describe]
             saved = save_network(pruned.eval(), folder / "pruned.pt", spec)
             add(f"torch_pruning_{importance}", 0, load_network(saved), widths, budget)
             if args.peer_finetune_epochs:
-                tuned, _ = finetune(saved, spec, dm, FinetuneSettings(epochs=args.peer_finetune_epochs), hparams,
-                                    folder, trainer)
+                tuned, _ = finetune(saved, spec, dm, config_finetune(args.network, args.peer_finetune_epochs), hparams,
+                                    folder, trainer, teacher=original)
                 add(f"torch_pruning_{importance}", args.peer_finetune_epochs, tuned, widths, budget)
     budget = args.budgets[0]
     for name in args.comparisons:

@@ -53,12 +53,19 @@ class FinetuneSettings:
             of a few neurons loses half of them to p = 0.5: the demo's conv-compressed network
             (10 and 9 neurons in pen and last) has a cross-entropy of 0.28 in eval mode and 9.2
             with its dropout on, and one epoch of training under that noise made it worse.
+        distill: the weight of the original network's softened outputs in the loss (knowledge
+            distillation, ``lightning_modules.classifier.distillation_loss``): the compressed
+            network is trained towards what the network it came from says about each image, not
+            only towards the labels. 0: the labels alone.
+        temperature: the softening of ``distill``.
     """
 
     epochs: int = 0
     lr_factor: float = 0.1
     lr: Optional[float] = None
     dropout: Optional[float] = 0.0
+    distill: float = 0.0
+    temperature: float = 4.0
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
@@ -71,6 +78,10 @@ class FinetuneSettings:
         if self.dropout is not None and not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise ValueError(f"finetune dropout must be in [0, 1), or null to keep the network's own, "
                              f"got {self.dropout!r}")
+        if not (isinstance(self.distill, (int, float)) and 0 <= self.distill <= 1):
+            raise ValueError(f"finetune distill must be in [0, 1] (0: the labels alone), got {self.distill!r}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"finetune temperature must be > 0, got {self.temperature!r}")
 
 
 def finetune_settings_from_training(info: dict, settings: Optional[FinetuneSettings] = None) -> dict:
@@ -135,6 +146,7 @@ def finetune(
     logger: Optional[Logger] = None,
     seed: int = 0,
     callbacks: Sequence[Callback] = (),
+    teacher: Optional[nn.Module] = None,
 ) -> tuple[nn.Module, dict]:
     """Fine-tune the compressed network saved at ``network_file`` for ``settings.epochs`` epochs.
 
@@ -148,6 +160,7 @@ def finetune(
         logger: default ``TensorBoardLogger(run_dir, name="finetune", version="")``.
         seed: ``pl.seed_everything(seed)`` first, so that the same call gives the same network.
         callbacks: more Trainer callbacks.
+        teacher: the network ``settings.distill`` distils from (the original, uncompressed one).
     Returns:
         the network with the last epoch's weights (an ordinary ``nn.Module``, eval mode, on the
         CPU, the layer widths of ``network_file``) and ``{"epochs", "lr", "optimizer",
@@ -160,17 +173,22 @@ def finetune(
     hparams = finetune_settings_from_training(train_hparams, settings)
     summary: dict[str, Any] = {"epochs": settings.epochs, "lr": hparams["lr"], "optimizer": hparams["optimizer"],
                                "weight_decay": hparams["weight_decay"], "dropout": settings.dropout,
+                               "distill": settings.distill, "temperature": settings.temperature,
                                "val_accuracy": None, "seconds": 0.0}
     if settings.epochs == 0:
         return compressed, summary
+    if settings.distill > 0 and teacher is None:
+        raise ValueError("finetune distill > 0 needs the network to distil from (teacher=)")
 
     fit_dir = run_dir / "finetune"
     done = fit_dir / DONE_FILE
     if done.is_file():
         done_state, done_info = read_checkpoint(done)
         previous = done_info.get("finetune", {})
-        changed = {k: (previous.get(k), summary[k]) for k in ("epochs", "lr", "optimizer", "weight_decay", "dropout")
-                   if previous.get(k) != summary[k]}
+        # runs finished before distillation existed were fine-tuned on the labels alone
+        previous = {"distill": 0.0, "temperature": settings.temperature, **previous}
+        changed = {k: (previous.get(k), summary[k]) for k in ("epochs", "lr", "optimizer", "weight_decay", "dropout",
+                                                              "distill", "temperature") if previous.get(k) != summary[k]}
         if changed:
             differences = ", ".join(f"{k}: {then} then, {now} now" for k, (then, now) in changed.items())
             raise ValueError(f"{done} was fine-tuned with other settings ({differences}); "
@@ -185,7 +203,10 @@ def finetune(
                          "(use settings.epochs, run_dir, logger, callbacks)")
     pl.seed_everything(seed, verbose=False)
     module = Classifier(arch=spec.arch, num_classes=spec.num_classes, small_input=spec.small_input,
-                        init_checkpoint=str(network_file), save_best=False, **hparams)
+                        init_checkpoint=str(network_file), save_best=False, distill=settings.distill,
+                        temperature=settings.temperature, **hparams)
+    if settings.distill > 0:
+        module.distill_from(teacher)
     if settings.dropout is not None:
         for layer in module.model.modules():
             if isinstance(layer, nn.Dropout):

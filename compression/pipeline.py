@@ -639,9 +639,12 @@ class CompressionPipeline:
             entry["val_accuracy_floor"] = reference["val_accuracy"] - budget_points / 100
             cut = passes.cut_inputs(network, "val", [c.name for c in group.consumers], limit=self.candidate_images)
             judged = len(cut.labels)
-            alone = reference["val_accuracy"] if judged == n_val else passes.accuracy(network, cut, {})
-            search = self._searcher(problem, plan, lambda V, p=problem, c=cut, n=passes: n.accuracy(
-                network, c, p.weights_with_groups(self._final(p.stats, V))))
+            # the original on the same images: the candidates' accuracy baseline and the reference of
+            # their paired standard errors
+            original = passes.judge(network, cut, {})
+            alone = original.accuracy
+            search = self._searcher(problem, plan, lambda V, p=problem, c=cut, n=passes: n.judge(
+                network, c, p.weights_with_groups(self._final(p.stats, V)), original.correct))
             # down the path until a candidate loses nothing, or keeps 15/16 of the group (the rest buys little)
             candidates = search.until(lambda c, full=problem.groups: (alone - c.val_accuracy) * n_val <= 0.5
                                       or 16 * c.width >= 15 * full)
@@ -828,7 +831,7 @@ class CompressionPipeline:
             report["after_surgery"] = report["after"]
             report["network_after_surgery"] = str(surgery)
             tuned, details = finetune(surgery, self.spec, self.datamodule, self.finetune, self.train_hparams,
-                                      self.run_dir, self.trainer.distributed())
+                                      self.run_dir, self.trainer.distributed(), teacher=self.network)
             report["finetune"] = details
             network = tuned.eval()
             report["after"] = self.profile(network, passes, with_val, once=True)

@@ -72,8 +72,9 @@ class LambdaSearch:
             stopped after ``seconds`` (None: no limit; a solve stopped so has a gap above the
             tolerance, and the search does not count it as certified).
         lam_max: the layer's lambda_max (V = 0 from there up).
-        evaluate: validation accuracy of the network with the layer's weight V (accuracy targets):
-            a number, or a ``compression.passes.Verdict`` (its accuracy, standard error, images).
+        evaluate: the verdict on the network with the layer's weight V (accuracy targets): a
+            ``compression.passes.Verdict`` (its accuracy, standard error, images, per-image
+            correctness).
         on_candidate: called with every candidate (logging).
         group: the problem's group size; widths count groups (neurons or channels).
         min_ratio: the path stops at ``min_ratio * lam_max``.
@@ -98,11 +99,8 @@ class LambdaSearch:
             found.resolved = f"stopped by the time limit at a relative gap of {rel_gap:.1e} (not certified)"
         if self._evaluate is not None:
             verdict = self._evaluate(V)
-            if isinstance(verdict, float):
-                found.val_accuracy = verdict
-            else:
-                found.val_accuracy, found.val_se, found.val_images = verdict.accuracy, verdict.se, verdict.images
-                found.val_correct = verdict.correct
+            found.val_accuracy, found.val_se, found.val_images = verdict.accuracy, verdict.se, verdict.images
+            found.val_correct = verdict.correct
         self.candidates.append(found)
         if self._on_candidate is not None:
             self._on_candidate(found)

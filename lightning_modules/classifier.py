@@ -41,6 +41,10 @@ class Classifier(pl.LightningModule):
         init_checkpoint: start from these weights (any format ``models.checkpoints`` reads),
             also a compressed network (``save_network``): the layers are resized to the file's
             (smaller) shapes, so fine-tuning keeps the network compressed.
+        distill: the weight a of a teacher network's softened outputs in the training loss
+            (``distillation_loss``; the teacher is given by ``distill_from``, e.g. the original
+            network while a compressed one is fine-tuned); 0: cross-entropy alone.
+        temperature: the softening T of ``distill``.
     Logged: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
     The best (``val/acc``) and last checkpoints are kept.
     """
@@ -60,16 +64,36 @@ class Classifier(pl.LightningModule):
         init_checkpoint: Optional[str] = None,
         save_last: bool = True,
         save_best: bool = True,
+        distill: float = 0.0,
+        temperature: float = 4.0,
     ) -> None:
         super().__init__()
         if lr <= 0 or weight_decay < 0:
             raise ValueError(f"lr must be > 0 and weight_decay >= 0 (got lr={lr}, weight_decay={weight_decay})")
+        if not (0 <= distill <= 1 and temperature > 0):
+            raise ValueError(f"distill must be in [0, 1] and temperature > 0 (got distill={distill}, "
+                             f"temperature={temperature})")
         self.save_hyperparameters()
         spec = NetworkSpec(arch, num_classes, small_input)
         self.model = model_from_checkpoint(init_checkpoint, spec) if init_checkpoint else spec.build()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+        self._teacher: Optional[torch.nn.Module] = None
+
+    def distill_from(self, teacher: torch.nn.Module) -> None:
+        """Train towards ``teacher``'s outputs too (``distill`` > 0). The teacher is frozen and
+        kept out of the module's parameters, state dict and checkpoints."""
+        # object.__setattr__: as a registered submodule it would be trained and saved
+        object.__setattr__(self, "_teacher", teacher.eval().requires_grad_(False))
+
+    def on_fit_start(self) -> None:
+        if self.hparams.get("distill", 0.0) > 0:
+            if self._teacher is None:
+                raise ValueError("distill > 0 needs a teacher network: call Classifier.distill_from(network) "
+                                 "before fitting, or set distill to 0")
+            self._teacher.to(self.device)
 
     def forward(self, x: Tensor) -> Tensor:
         """The network's logits."""
@@ -79,6 +103,11 @@ class Classifier(pl.LightningModule):
         images, labels = batch
         logits = self.model(images)
         loss = F.cross_entropy(logits, labels)
+        weight = self.hparams.get("distill", 0.0)
+        if stage == "train" and weight > 0:
+            with torch.no_grad():
+                teacher = self._teacher(images)
+            loss = distillation_loss(logits, teacher, labels, weight, self.hparams.temperature)
         metric(logits, labels)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step)
@@ -135,6 +164,16 @@ class Classifier(pl.LightningModule):
         if self.trainer.logger is not None:
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
         return callbacks
+
+
+def distillation_loss(logits: Tensor, teacher: Tensor, labels: Tensor, weight: float, temperature: float) -> Tensor:
+    """Hinton et al.'s knowledge distillation, for logits and teacher (B, C), labels (B,):
+    (1 - a) CE(logits, labels) + a T^2 KL(softmax(teacher / T) || softmax(logits / T)), batch mean,
+    with a = ``weight`` and T = ``temperature`` (the T^2 keeps the soft term's gradients at the
+    hard term's scale)."""
+    soft = F.kl_div(F.log_softmax(logits / temperature, dim=1), F.log_softmax(teacher / temperature, dim=1),
+                    reduction="batchmean", log_target=True)
+    return (1 - weight) * F.cross_entropy(logits, labels) + weight * temperature ** 2 * soft
 
 
 def model_from_checkpoint(path: str, spec: NetworkSpec) -> torch.nn.Module:

@@ -83,7 +83,15 @@ def test_the_allocation_counts_widths_rounded_to_a_block(residual, tmp_path):
 
 
 def test_an_unmet_budget_keeps_every_layer(residual, tmp_path, monkeypatch):
-    monkeypatch.setattr(DataPasses, "accuracy", lambda *args, **kwargs: 0.0)
+    judge = DataPasses.judge
+
+    def every_candidate_wrong(self, network, cut, weights, *args, **kwargs):
+        verdict = judge(self, network, cut, weights, *args, **kwargs)
+        if weights:  # a candidate; the original (no weights) is judged as it is
+            verdict.accuracy, verdict.correct = 0.0, torch.zeros_like(verdict.correct)
+        return verdict
+
+    monkeypatch.setattr(DataPasses, "judge", every_candidate_wrong)
     # two groups, not the stacked stream: every candidate fails, so each group walks its whole path
     report = pipeline(residual, tmp_path).run(["fc2a", "fc2b"], target=Target(max_accuracy_drop=0.5))
     assert all(e["width_after"] == e["width_before"] for e in report["layers"])

@@ -153,3 +153,69 @@ def test_no_epochs_returns_the_compressed_network(compressed_file, fashion_root,
                                 tmp_path, TRAINER)
     assert summary["epochs"] == 0 and summary["val_accuracy"] is None
     assert linear_widths(network)["classifier.6"] == 20 and not (tmp_path / "finetune").exists()
+
+
+def test_distillation_loss_against_an_explicit_formula():
+    """(1 - a) CE + a T^2 KL(softmax(teacher / T) || softmax(logits / T)), written out in numpy."""
+    import numpy as np
+
+    from lightning_modules.classifier import distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, teacher = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+
+    def log_softmax(z):
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    s, t, y = logits.numpy(), teacher.numpy(), labels.numpy()
+    ce = -log_softmax(s)[np.arange(6), y].mean()
+    for a, T in ((0.0, 4.0), (0.7, 4.0), (1.0, 2.0)):
+        p = np.exp(log_softmax(t / T))
+        kl = (p * (np.log(p) - log_softmax(s / T))).sum(1).mean()
+        assert float(distillation_loss(logits, teacher, labels, a, T)) == pytest.approx((1 - a) * ce + a * T * T * kl,
+                                                                                         rel=1e-12)
+
+
+class LossSeen(pl.Callback):
+    """The training loss of the first batch, and the batch and weights it was computed with."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batch = batch
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if not hasattr(self, "loss"):
+            self.loss, self.student = loss.detach(), pl_module.model.state_dict()
+            self.student = {k: v.clone() for k, v in self.student.items()}
+
+
+def test_finetuning_distils_from_the_original(compressed_file, fashion_root, tmp_path):
+    """With ``distill``, the loss fine-tuning minimises is ``distillation_loss`` towards the teacher
+    given (recomputed here from the batch and the weights of that step), the teacher stays out of
+    the result, and the settings are recorded; without a teacher the call says what is missing."""
+    from lightning_modules.classifier import distillation_loss
+
+    torch.manual_seed(1)
+    teacher = build_model("alexnet", 10).eval()
+    seen = LossSeen()
+    trainer = {**TRAINER, "limit_train_batches": 1, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+    settings = FinetuneSettings(epochs=1, distill=0.6, temperature=3.0)
+    network, summary = finetune(compressed_file, NetworkSpec("alexnet", 10), datamodule(fashion_root), settings,
+                                TRAIN_HPARAMS, tmp_path, trainer, callbacks=[seen], teacher=teacher)
+    images, labels = seen.batch
+    student = load_network(compressed_file)
+    student.load_state_dict(seen.student)
+    with torch.no_grad():
+        # eval mode: fine-tuning set dropout to 0, and AlexNet has no BatchNorm
+        expected = distillation_loss(student.eval()(images), teacher(images), labels, 0.6, 3.0)
+    assert float(seen.loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(seen.loss) != pytest.approx(float(torch.nn.functional.cross_entropy(student(images), labels)), rel=1e-3)
+    assert set(network.state_dict()) == set(student.state_dict())
+    assert (summary["distill"], summary["temperature"]) == (0.6, 3.0)
+    with pytest.raises(ValueError, match="distill > 0 needs the network to distil from"):
+        finetune(compressed_file, NetworkSpec("alexnet", 10), datamodule(fashion_root), settings, TRAIN_HPARAMS,
+                 tmp_path / "other", trainer)
+    with pytest.raises(ValueError, match=r"distill must be in \[0, 1\]"):
+        FinetuneSettings(epochs=1, distill=1.5)
+

@@ -286,7 +286,8 @@ def test_an_accuracy_walk_stops_at_the_first_candidate_that_keeps_every_group():
         V[:, :min(8, int(1 / lam))] = 1.0  # lambda_max 1: widths 2, 4, 8, 8, ...
         return V, 1e-7
 
-    lam_search = search.LambdaSearch(solve, 1.0, evaluate=lambda V: 0.5)
+    lam_search = search.LambdaSearch(solve, 1.0, evaluate=lambda V: SimpleNamespace(accuracy=0.5, se=0.0, images=10,
+                                                                                   correct=None))
     assert lam_search.at_accuracy(0.9) is None
     assert [c.width for c in lam_search.candidates] == [2, 4, 8]
 
