@@ -45,7 +45,8 @@ class Classifier(pl.LightningModule):
             (``distillation_loss``; the teacher is given by ``distill_from``, e.g. the original
             network while a compressed one is fine-tuned); 0: cross-entropy alone.
         temperature: the softening T of ``distill``.
-    Logged: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
+    Logged: ``train/loss`` (with ``distill``, the distillation loss), ``train/acc``, ``val/loss``,
+    ``val/acc``, ``test/loss``, ``test/acc`` (cross-entropy).
     The best (``val/acc``) and last checkpoints are kept.
     """
 
@@ -79,7 +80,6 @@ class Classifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-
         self._teacher: Optional[torch.nn.Module] = None
 
     def distill_from(self, teacher: torch.nn.Module) -> None:
