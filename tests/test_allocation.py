@@ -52,6 +52,13 @@ def test_allocation_keeps_the_budget_on_the_whole_network_and_so_does_the_cumula
     for entry in report["layers"]:
         assert all(c["rel_gap"] <= 1e-4 for c in entry["candidates"])
         assert entry["width_after"] in [c["width"] for c in entry["candidates"]] + [entry["width_before"]]
+    # each candidate is judged against the original on the same 120 images: a paired standard error,
+    # at least what its net loss of k images implies (lost + gained >= k: se >= sqrt(k - k^2/n) / n)
+    losing = [c for e in report["layers"] for c in e["candidates"] if 1 <= c["images_lost"] < 60]
+    assert losing and all(c["val_images"] == 120 for e in report["layers"] for c in e["candidates"])
+    for c in losing:
+        k = c["images_lost"]
+        assert c["val_se"] >= (k - k * k / 120) ** 0.5 / 120 - 1e-12
     # the saved network is the allocation's, and loads without the original
     again = load_network(report["network"])
     assert count_macs(again, (8,)) == report["after"]["macs"]
