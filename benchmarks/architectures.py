@@ -142,7 +142,7 @@ def main_runs(args: argparse.Namespace, work: Path, describe: Optional[Describe]
 
     def record(name: str, report: dict, seconds: float) -> dict[str, int]:
         widths = {e["module"]: e["width_after"] for e in report["layers"]}
-        runs[name] = {"seconds": seconds, "compress_seconds": seconds, "finetune_seconds": 0.0,
+        runs[name] = {"seconds": seconds,  # compress.py's; a fine-tuning's, when run, as finetune_seconds
                       "passes_seconds": report.get("passes_seconds"),
                       "allocation": report.get("allocation"), "widths": widths,
                       "widths_before": {e["module"]: e["width_before"] for e in report["layers"]},
