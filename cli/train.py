@@ -30,5 +30,7 @@ class TrainCLI(ProjectCLI):
     def fit_and_test(self) -> None:
         self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=self.config.ckpt_path)
         if self.config.test and is_overridden("test_step", self.model) and is_overridden("test_dataloader", self.datamodule):
+            # the path itself, not "best": with a best and a last checkpoint callback Lightning warns
+            # that "best" means the first callback's, which is this one
             best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)

@@ -161,7 +161,7 @@ class Classifier(pl.LightningModule):
                 # the latest epoch, whole (monitor None: top-1 is the newest), under the name resumes use
                 callbacks.append(ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
                                                  enable_version_counter=False))
-        if self.trainer.logger is not None:
+        if self.trainer.logger is not None and self.trainer.state.fn == TrainerFn.FITTING:  # nothing to log in test
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
         return callbacks
 

@@ -112,6 +112,16 @@ def test_same_seed_same_weights_and_resume_from_last(tmp_path, fashion_root):
     assert not torch.equal(resumed.model.model.fc.weight, runs[0].model.model.fc.weight)
 
 
+def test_the_test_split_reads_best_ckpt_quietly(tmp_path, fashion_root, recwarn, caplog):
+    """After fitting, the test split runs on best.ckpt (the best validation accuracy), named by its
+    path: Lightning's warning that "best" among several checkpoint callbacks means the first
+    one's is not raised, and the test adds no learning-rate monitor to override the fit's."""
+    cli = main(small_train_args(tmp_path, fashion_root, "--trainer.limit_train_batches", "2", *SMALL_NETWORK))
+    assert Path(cli.trainer.ckpt_path).name == "best.ckpt" and "test/acc" in cli.trainer.callback_metrics
+    assert not [str(w.message) for w in recwarn if "multiple `ModelCheckpoint`" in str(w.message)]
+    assert "override existing callbacks passed to Trainer: LearningRateMonitor" not in caplog.text
+
+
 @pytest.mark.slow
 def test_short_real_training_beats_accuracy_floor(trained_alexnet):
     """AlexNet on 4,096 real Fashion-MNIST images for 2 epochs (128 steps): test accuracy above
