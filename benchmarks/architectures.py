@@ -170,8 +170,9 @@ def main_runs(args: argparse.Namespace, work: Path, describe: Optional[Describe]
             saved = save_network(pruned.eval(), folder / "pruned.pt", spec)
             add(f"torch_pruning_{importance}", 0, load_network(saved), widths, budget)
             if args.peer_finetune_epochs:
+                # the pruning is redone on every call: an earlier call's fine-tuning may be of other widths
                 tuned, _ = finetune(saved, spec, dm, config_finetune(args.network, args.peer_finetune_epochs), hparams,
-                                    folder, trainer, teacher=original)
+                                    folder, trainer, teacher=original, replace_other=True)
                 add(f"torch_pruning_{importance}", args.peer_finetune_epochs, tuned, widths, budget)
     budget = args.budgets[0]
     for name in args.comparisons:

@@ -12,12 +12,14 @@ last epoch's network, so no ``best.ckpt`` is written, and a run of one epoch wri
 checkpoint: it could only resume from its end). A run interrupted mid-way continues from
 ``last.ckpt`` when called again with the same ``run_dir`` and ends with the weights an
 uninterrupted run ends with (the random number generators are saved in the checkpoints and
-restored); a finished one is loaded, not redone.
+restored); a finished one is loaded, not redone. Either is reused only if it started from the
+same weights (``started_from.sha256``); one of another network is refused with the folder named.
 """
 from __future__ import annotations
 
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from torch import nn
 
+from compression.cache import fingerprint
 from lightning_modules.classifier import Classifier
 from models.checkpoints import network_from_state, read_checkpoint, save_network
 from models.registry import NetworkSpec
@@ -38,6 +41,8 @@ from models.profile import layer_widths
 # Without the training run's hyper-parameters (a plain state dict, the authors' files).
 DEFAULT_HPARAMS: dict[str, Any] = {"optimizer": "adam", "lr": 1e-5, "momentum": 0.9, "weight_decay": 1e-4}
 DONE_FILE = "finetuned.pt"
+#: The SHA-256 of the weights a fine-tuning started from (``compression.cache.fingerprint``).
+START_FILE = "started_from.sha256"
 
 
 @dataclass
@@ -147,6 +152,7 @@ def finetune(
     seed: int = 0,
     callbacks: Sequence[Callback] = (),
     teacher: Optional[nn.Module] = None,
+    replace_other: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Fine-tune the compressed network saved at ``network_file`` for ``settings.epochs`` epochs.
 
@@ -161,6 +167,8 @@ def finetune(
         seed: ``pl.seed_everything(seed)`` first, so that the same call gives the same network.
         callbacks: more Trainer callbacks.
         teacher: the network ``settings.distill`` distils from (the original, uncompressed one).
+        replace_other: a fine-tuning in ``run_dir/finetune`` that started from other weights is
+            deleted and done again for this network (default: refused, with the folder named).
     Returns:
         the network with the last epoch's weights (an ordinary ``nn.Module``, eval mode, on the
         CPU, the layer widths of ``network_file``) and ``{"epochs", "lr", "optimizer",
@@ -182,6 +190,14 @@ def finetune(
 
     fit_dir = run_dir / "finetune"
     done = fit_dir / DONE_FILE
+    # A finished or interrupted fine-tuning in fit_dir is reused only if it started from these
+    # weights: another network of the same widths would pass every other check.
+    start_file, start = fit_dir / START_FILE, fingerprint(state.items())
+    if start_file.is_file() and start_file.read_text().strip() != start:
+        if not replace_other:
+            raise ValueError(f"{fit_dir} holds the fine-tuning of another network than {network_file} (the "
+                             "weights it started from differ); delete that folder to fine-tune this one")
+        shutil.rmtree(fit_dir)
     if done.is_file():
         done_state, done_info = read_checkpoint(done)
         previous = done_info.get("finetune", {})
@@ -226,9 +242,12 @@ def finetune(
                    RestoreRNG(), *callbacks],
     )
     last = fit_dir / "checkpoints" / "last.ckpt"
-    start = time.perf_counter()
+    if trainer.is_global_zero:
+        fit_dir.mkdir(parents=True, exist_ok=True)
+        start_file.write_text(start + "\n")
+    began = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
-    summary["seconds"] = time.perf_counter() - start
+    summary["seconds"] = time.perf_counter() - began
     val_acc = trainer.callback_metrics.get("val/acc")
     summary["val_accuracy"] = float(val_acc) if val_acc is not None else None
 

@@ -101,6 +101,20 @@ def test_finetuning_trains_and_stays_compressed(compressed_file, fashion_root, t
     assert summary_again == summary
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), network.state_dict().values()))
 
+    # Another network of the same widths (one weight changed) does not get that result: refused
+    # with the folder named, or, with replace_other, fine-tuned afresh (here: fit is called).
+    other = load_network(compressed_file)
+    with torch.no_grad():
+        other.classifier[6].weight[0, 0] += 0.01
+    other_file = save_network(other, tmp_path / "other.pt", NetworkSpec("alexnet", 10))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'finetune'} holds the fine-tuning of another network"):
+        finetune(other_file, NetworkSpec("alexnet", 10), datamodule(fashion_root), settings, TRAIN_HPARAMS, tmp_path,
+                 TRAINER)
+    with pytest.raises(AssertionError, match="fine-tuning ran again"):
+        finetune(other_file, NetworkSpec("alexnet", 10), datamodule(fashion_root), settings, TRAIN_HPARAMS, tmp_path,
+                 TRAINER, replace_other=True)
+    assert not (tmp_path / "finetune" / DONE_FILE).exists()
+
 
 class DropoutSeen(pl.Callback):
     """Records the probability of every Dropout layer of the model being trained."""
