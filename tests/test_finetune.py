@@ -24,14 +24,17 @@ TRAIN_HPARAMS = {"hparams": {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "
 @pytest.fixture(scope="module")
 def compressed_file(tmp_path_factory):
     """AlexNet (untrained) with all but 20 inputs of classifier.6 and 32 of classifier.4 removed,
-    saved with save_network: small enough (2.8 M parameters) that a checkpoint with Adam's state is
-    tens of MB, not the 700 MB of the full head."""
+    and all but 32 input channels of conv3, conv4 and conv5, saved with save_network: small enough
+    (0.5 M parameters) that a checkpoint with Adam's state is a few MB, not the 700 MB of the full
+    head (the resume test writes five of them)."""
     torch.manual_seed(0)
     small = build_model("alexnet", 10)
-    for layer, keep in (("classifier.6", 20), ("classifier.4", 32)):
-        V = small.get_submodule(layer).weight.detach().clone()
+    for layer, keep in (("classifier.6", 20), ("classifier.4", 32), ("features.6", 32), ("features.8", 32),
+                        ("features.10", 32)):
+        weight = small.get_submodule(layer).weight
+        V = weight.detach().clone()
         V[:, keep:] = 0
-        small = remove_neurons(small, analyse_layer(small, layer), {layer: V})
+        small = remove_neurons(small, analyse_layer(small, layer), {layer: V.reshape(len(weight), -1)})
     return save_network(small, tmp_path_factory.mktemp("compressed") / "network.pt", NetworkSpec("alexnet", 10))
 
 
