@@ -63,6 +63,10 @@ class FinetuneSettings:
             network is trained towards what the network it came from says about each image, not
             only towards the labels. 0: the labels alone.
         temperature: the softening of ``distill``.
+        anneal: the learning rate falls from its start to 0 along a cosine over the fine-tuning's
+            optimizer steps (the Classifier's ``cosine`` schedule, moved every step), so that
+            the last steps are small and the result is not the noise of its last batches;
+            ``False``: constant.
     """
 
     epochs: int = 0
@@ -71,6 +75,7 @@ class FinetuneSettings:
     dropout: Optional[float] = 0.0
     distill: float = 0.0
     temperature: float = 4.0
+    anneal: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
@@ -87,6 +92,8 @@ class FinetuneSettings:
             raise ValueError(f"finetune distill must be in [0, 1] (0: the labels alone), got {self.distill!r}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ValueError(f"finetune temperature must be > 0, got {self.temperature!r}")
+        if not isinstance(self.anneal, bool):
+            raise ValueError(f"finetune anneal must be true or false, got {self.anneal!r}")
 
 
 def finetune_settings_from_training(info: dict, settings: Optional[FinetuneSettings] = None) -> dict:
@@ -95,7 +102,7 @@ def finetune_settings_from_training(info: dict, settings: Optional[FinetuneSetti
     ``info`` is ``models.checkpoints.read_checkpoint``'s info (its ``"hparams"`` are used) or the
     hyper-parameters themselves. The optimizer, momentum and weight decay are the training run's;
     the learning rate is its ``lr * settings.lr_factor``, or ``settings.lr`` when given; the
-    schedule is constant. When the checkpoint has no hyper-parameters (a plain state dict, the
+    schedule is constant, or with ``settings.anneal`` a cosine to 0 over the optimizer steps. When the checkpoint has no hyper-parameters (a plain state dict, the
     paper authors' files), Adam with lr 1e-5 (or ``settings.lr``) and weight decay 1e-4.
     """
     settings = settings or FinetuneSettings()
@@ -107,6 +114,8 @@ def finetune_settings_from_training(info: dict, settings: Optional[FinetuneSetti
     else:
         out = {k: hparams.get(k, DEFAULT_HPARAMS[k]) for k in ("optimizer", "momentum", "weight_decay")}
         out["lr"] = settings.lr if settings.lr is not None else float(hparams["lr"]) * settings.lr_factor
+    if settings.anneal:
+        return {**out, "schedule": "cosine", "schedule_interval": "step"}
     return {**out, "schedule": "constant"}
 
 
@@ -172,7 +181,7 @@ def finetune(
     Returns:
         the network with the last epoch's weights (an ordinary ``nn.Module``, eval mode, on the
         CPU, the layer widths of ``network_file``) and ``{"epochs", "lr", "optimizer",
-        "weight_decay", "dropout", "val_accuracy", "seconds"}`` (``val_accuracy``: of the last epoch's
+        "weight_decay", "dropout", "distill", "temperature", "anneal", "val_accuracy", "seconds"}`` (``val_accuracy``: of the last epoch's
         validation, ``None`` without one; ``seconds``: of this call's training).
     """
     network_file, run_dir = Path(network_file), Path(run_dir)
@@ -182,7 +191,7 @@ def finetune(
     summary: dict[str, Any] = {"epochs": settings.epochs, "lr": hparams["lr"], "optimizer": hparams["optimizer"],
                                "weight_decay": hparams["weight_decay"], "dropout": settings.dropout,
                                "distill": settings.distill, "temperature": settings.temperature,
-                               "val_accuracy": None, "seconds": 0.0}
+                               "anneal": settings.anneal, "val_accuracy": None, "seconds": 0.0}
     if settings.epochs == 0:
         return compressed, summary
     if settings.distill > 0 and teacher is None:
@@ -201,10 +210,11 @@ def finetune(
     if done.is_file():
         done_state, done_info = read_checkpoint(done)
         previous = done_info.get("finetune", {})
-        # runs finished before distillation existed were fine-tuned on the labels alone
-        previous = {"distill": 0.0, "temperature": settings.temperature, **previous}
+        # runs finished before distillation and annealing existed: labels alone, constant rate
+        previous = {"distill": 0.0, "temperature": settings.temperature, "anneal": False, **previous}
         changed = {k: (previous.get(k), summary[k]) for k in ("epochs", "lr", "optimizer", "weight_decay", "dropout",
-                                                              "distill", "temperature") if previous.get(k) != summary[k]}
+                                                              "distill", "temperature", "anneal")
+                   if previous.get(k) != summary[k]}
         if changed:
             differences = ", ".join(f"{k}: {then} then, {now} now" for k, (then, now) in changed.items())
             raise ValueError(f"{done} was fine-tuned with other settings ({differences}); "

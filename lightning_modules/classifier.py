@@ -33,6 +33,10 @@ class Classifier(pl.LightningModule):
             weight decay whose effect on width the project studies).
         schedule: ``constant``, ``cosine`` (to 0 over ``max_epochs``) or ``step``
             (x ``gamma`` every ``step_size`` epochs).
+        schedule_interval: ``epoch`` (the above) or ``step``: the schedule moves after every
+            optimizer step, ``cosine`` reaching 0 at the run's last step
+            (``Trainer.estimated_stepping_batches``) and ``step`` counting ``step_size`` in
+            steps; what a fine-tuning of one epoch needs to anneal at all.
         save_last: write ``last.ckpt`` (weights, optimizer and loop state: what ``--ckpt_path``
             resumes from; three times ``best.ckpt`` with Adam) after every epoch. ``false`` keeps
             only ``best.ckpt``, for short runs that will not be resumed.
@@ -62,6 +66,7 @@ class Classifier(pl.LightningModule):
         schedule: Literal["constant", "cosine", "step"] = "constant",
         step_size: int = 30,
         gamma: float = 0.1,
+        schedule_interval: Literal["epoch", "step"] = "epoch",
         init_checkpoint: Optional[str] = None,
         save_last: bool = True,
         save_best: bool = True,
@@ -127,7 +132,8 @@ class Classifier(pl.LightningModule):
         self._step(batch, "test", self.test_acc)
 
     def configure_optimizers(self) -> Any:
-        """Adam or SGD with ``weight_decay``, plus the epoch-wise ``schedule`` (none when constant)."""
+        """Adam or SGD with ``weight_decay``, plus the ``schedule`` (none when constant), moved
+        every epoch or every optimizer step (``schedule_interval``)."""
         hp = self.hparams
         if hp.optimizer == "adam":
             opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
@@ -135,11 +141,14 @@ class Classifier(pl.LightningModule):
             opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         if hp.schedule == "constant":
             return opt
+        # checkpoints written before schedule_interval existed were epoch-wise
+        interval = hp.get("schedule_interval", "epoch")
         if hp.schedule == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs or 1))
+            length = self.trainer.estimated_stepping_batches if interval == "step" else self.trainer.max_epochs
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(length or 1)))
         else:
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=hp.step_size, gamma=hp.gamma)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
 
     def configure_callbacks(self) -> list[Callback]:
         """Best (``val/acc``) and last checkpoints, in a trainer-given ModelCheckpoint's ``dirpath``; lr logging.

@@ -2,6 +2,8 @@
 started from a compressed file; a few CPU batches of the real Fashion-MNIST."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -236,3 +238,34 @@ def test_finetuning_distils_from_the_original(compressed_file, fashion_root, tmp
     with pytest.raises(ValueError, match=r"distill must be in \[0, 1\]"):
         FinetuneSettings(epochs=1, distill=1.5)
 
+
+
+class RatesSeen(pl.Callback):
+    """The learning rate of every optimizer step, as the optimizer had it for that step."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_annealing_falls_along_a_cosine_to_zero_over_the_steps(compressed_file, fashion_root, tmp_path):
+    """``anneal``: step k of N runs at lr (1 + cos(pi k / N)) / 2, across the epochs of the run;
+    without it the rate is constant. A finished run is not reused for the other setting."""
+    steps_per_epoch, epochs, lr = 3, 2, 1e-3
+    trainer = {**TRAINER, "limit_train_batches": steps_per_epoch, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+    args = (compressed_file, NetworkSpec("alexnet", 10), datamodule(fashion_root))
+    seen = RatesSeen()
+    _, summary = finetune(*args, FinetuneSettings(epochs=epochs, lr=lr, anneal=True), TRAIN_HPARAMS, tmp_path / "a",
+                          trainer, callbacks=[seen])
+    total = steps_per_epoch * epochs
+    expected = [lr * (1 + math.cos(math.pi * k / total)) / 2 for k in range(total)]
+    assert seen.rates == pytest.approx(expected, rel=1e-9) and summary["anneal"] is True
+    flat = RatesSeen()
+    finetune(*args, FinetuneSettings(epochs=1, lr=lr), TRAIN_HPARAMS, tmp_path / "c", trainer, callbacks=[flat])
+    assert flat.rates == [lr] * steps_per_epoch
+    with pytest.raises(ValueError, match="fine-tuned with other settings.*anneal: True then, False now"):
+        finetune(*args, FinetuneSettings(epochs=epochs, lr=lr), TRAIN_HPARAMS, tmp_path / "a", trainer)
+    with pytest.raises(ValueError, match="anneal must be true or false"):
+        FinetuneSettings(epochs=1, anneal="yes")
