@@ -221,7 +221,7 @@ class CompressCLI(ProjectCLI):
             conv_sampling={} if config.conv_positions is None else {"positions": config.conv_positions,
                                                                     "seed": config.seed_everything or 0},
             train_limit=config.stats_images, candidate_images=amount["target"].candidate_images,
-            margin_se=amount["target"].margin_se,
+            margin_se=amount["target"].margin_se, held_out=amount["target"].held_out,
             cache_max_bytes=cache_limit(config.cache_dir, config.cache_max_gb),
             export=tuple(f.strip() for f in config.export.split(",")) if config.export else (),
         )

@@ -220,6 +220,21 @@ class DataPasses:
             head.cpu()
         return CutInputs(self.head, cut, torch.cat(inputs), torch.cat(labels))
 
+    def correct(self, network: nn.Module, split: str) -> Tensor:
+        """Which images of ``split`` the whole ``network`` gets right: bool (n,), in the data
+        loader's order, by one pass over the data set (one process: the held-out check's images
+        are the last of the split, ``CompressionPipeline.held_out``)."""
+        device = self.trainer.compute_device
+        network.eval().to(device)
+        right = []
+        try:
+            with torch.no_grad():
+                for x, y in self.loader(split):
+                    right.append(network(x.to(device)).argmax(1).cpu() == y)
+        finally:
+            network.cpu()
+        return torch.cat(right)
+
     def accuracy(self, network: nn.Module, cut: "CutInputs", weights: dict[str, tuple[Tensor, int]]) -> float:
         """Accuracy over all processes of ``network`` with the layers in ``weights`` given those
         weights (``judge``)."""
@@ -323,6 +338,10 @@ class CutInputs:
     cut: str
     inputs: Tensor
     labels: Tensor
+
+    def first(self, count: int) -> "CutInputs":
+        """The first ``count`` images only."""
+        return CutInputs(self.head, self.cut, self.inputs[:count], self.labels[:count])
 
 
 def _to_entry(result: PassResult) -> dict[str, Any]:

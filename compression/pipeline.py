@@ -41,7 +41,7 @@ from compression.allocation import Option, by_efficiency, choose, longest_prefix
 from compression.baselines import IMPORTANCES, equal_width_weights, torch_pruning_available, torch_pruning_network
 from compression.finetune import FinetuneSettings, finetune
 from compression.layer_problem import LayerProblem
-from compression.passes import CutInputs, DataPasses, Verdict, head_of
+from compression.passes import CutInputs, DataPasses, Verdict, all_reduce_sum, head_of
 from compression.reference import ReferenceOutputs
 from compression.search import Candidate, LambdaSearch
 from compression.settings import Target, TrainerSettings
@@ -149,6 +149,12 @@ def cumulative_shares(budget: float, weights: Sequence[float]) -> list[float]:
     return shares
 
 
+def held_out_count(images: int, fraction: float) -> int:
+    """How many of ``images`` validation images the held-out check keeps (the last ones): at least
+    one, and at least one left to choose with."""
+    return min(images - 1, max(1, round(fraction * images)))
+
+
 def _safe_tag(layer: str) -> str:
     return layer.replace("/", "_")
 
@@ -214,6 +220,7 @@ class CompressionPipeline:
     train_limit: Optional[int] = None
     candidate_images: Optional[int] = None
     margin_se: float = 0.0  # ``Target.margin_se``: standard errors by which a candidate clears its floor
+    held_out: float = 0.0  # ``Target.held_out``: the fraction of the validation images no choice sees
     max_tries: int = 10  # re-validations of an allocation (one pass over the validation split each)
     cache_max_bytes: Optional[int] = None  # what ``cache_dir`` may hold (``compression.cache``)
     export: tuple[str, ...] = ()  # "onnx", "torchscript": files written and checked at the end
@@ -303,6 +310,17 @@ class CompressionPipeline:
             else:  # ``allocate`` shares the whole budget by what each group's candidates buy
                 values = [float(budget)] * len(labels)
             how = "accuracy"
+        if self.held_out:
+            held = self.held_out
+            if isinstance(held, bool) or not isinstance(held, (int, float)) or not 0 < held < 1:
+                raise ValueError(f"target.held_out is the fraction of the validation images kept out of every "
+                                 f"choice, above 0 and below 1 (0.3 is usual; 0: no held-out check); got {held!r}")
+            if how != "accuracy":
+                raise ValueError("target.held_out checks an accuracy budget: give --target.max_accuracy_drop")
+            if target.share == "macs" and len(labels) > 1:
+                raise ValueError("target.held_out checks a layer-by-layer run (--target.share cumulative or "
+                                 "cumulative_macs); share: macs re-validates its chosen set on all the validation "
+                                 "images: set held_out 0 or change the share")
         if how in ("width", "accuracy") and self.solver == "paper_adam":
             raise ValueError("targets need a certified solver (model.solver: auto); paper_adam reproduces the paper's "
                              "absolute lambdas: give them with --lambdas")
@@ -561,7 +579,9 @@ class CompressionPipeline:
             found = search.at_width(int(plan.value))
         else:
             val = passes.cut_inputs(network, "val", consumers)
-            floor = reference["val_accuracy"] - plan.value / 100
+            if self.held_out:  # the last images are the held-out check's
+                val = val.first(len(val.labels) - held_out_count(len(val.labels), self.held_out))
+            floor = reference.get("val_accuracy_choosing", reference["val_accuracy"]) - plan.value / 100
             entry["val_accuracy_floor"] = floor
             if self._val_before is None or self._val_before[0] is not network:
                 self._val_before = (network, passes.judge(network, val, {}).correct)
@@ -600,6 +620,47 @@ class CompressionPipeline:
             return seen[kept]
 
         return judge
+
+    def check_held_out(self, network: nn.Module, before: list[nn.Module], entries: list[dict[str, Any]],
+                       budget: float, passes: DataPasses, original: Tensor) -> tuple[nn.Module, dict[str, Any]]:
+        """The held-out check of a layer-by-layer run: the compressed network against the original
+        on the last ``held_out`` of the validation images, which no group's choice saw
+        (``original``: which validation images the original gets right). Every group takes the
+        narrowest candidate that clears its floor on the same choosing images, so their luck can
+        add up; these images are a fresh sample. While the network loses more than ``budget``
+        points on them, the last cut still standing is given back: the network before it
+        (``before[i]``, the network group i started from) is restored and the cut groups from i
+        on are kept at full width. Returns the network and the check's record."""
+        n = len(original)
+        count = held_out_count(n, self.held_out)
+        reference = original[n - count:]
+        kept, tries, given_back = len(entries), [], []
+        while True:
+            verdict = Verdict.count(passes.correct(network, "val")[n - count:], reference, all_reduce_sum)
+            drop = 100 * verdict.difference
+            tries.append({"groups": kept, "accuracy": verdict.accuracy, "drop": drop, "se": 100 * verdict.se})
+            cut = [i for i in range(kept) if entries[i]["width_after"] < entries[i]["width_before"]]
+            within = drop <= budget
+            if within or not cut:
+                break
+            kept, network = cut[-1], before[cut[-1]]
+            entry = entries[kept]
+            rank_zero_info(f"held-out check: {100 * verdict.accuracy:.2f}% on {count} validation images no choice saw, "
+                           f"{drop:.2f} points below the original (budget {budget:g}): giving back the cut of "
+                           f"{entry['layer']} ({entry['width_after']} of {entry['width_before']})")
+            given_back.append({"layer": entry["layer"], "width": entry["width_after"]})
+            entry["given_back"] = {"width": entry["width_after"], "kept_indices": entry["kept_indices"]}
+            entry["kept_indices"] = list(range(entry["width_before"]))
+            entry["width_after"] = entry["width_before"]
+            entry["stop"] = "given back: the whole network lost more than the budget on the held-out images"
+        rank_zero_info(f"held-out check: {100 * verdict.accuracy:.2f}% on {count} validation images no choice saw, "
+                       f"{-drop:+.2f} ± {100 * verdict.se:.2f} points against the original (budget: -{budget:g}): "
+                       + ("within the budget" if within else "every cut given back")
+                       + (f", {len(given_back)} cut(s) given back" if given_back and within else ""))
+        return network, {"images": count, "fraction": self.held_out, "budget": budget,
+                         "original_accuracy": float(reference.float().mean()), "accuracy": verdict.accuracy,
+                         "drop": drop, "se": 100 * verdict.se, "within_budget": within, "given_back": given_back,
+                         "tries": tries}
 
     # --- 2'. one budget for many groups ----------------------------------------------------------
     def allocate(self, network: nn.Module, plans: list[LayerPlan], passes_for: Callable[[Sequence[str]], DataPasses],
@@ -789,9 +850,11 @@ class CompressionPipeline:
             return
         accuracy = "" if candidate.val_accuracy is None else f", validation {100 * candidate.val_accuracy:.2f}%"
         if candidate.val_se is not None:
+            choosing = len(self.datamodule.val_set)
+            choosing -= held_out_count(choosing, self.held_out) if self.held_out else 0
             accuracy += f" (standard error {100 * candidate.val_se:.2f} against the network before the cut" + (
                 f"; stopped after {candidate.val_images} images, a clear failure)"
-                if candidate.val_images < len(self.datamodule.val_set) else ")")
+                if candidate.val_images < choosing else ")")
         kept = "" if self.round_to == 1 else f" (kept {self._kept(problem, candidate.width)})"
         rank_zero_info(f"[{layer}] lambda {candidate.lam:.4g} ({candidate.ratio:.3g} lambda_max): width "
                        f"{candidate.width}{kept}{accuracy}, certified to a gap of {candidate.rel_gap:.1e} in "
@@ -901,10 +964,24 @@ class CompressionPipeline:
                                                                             report["before"], analysis)
         else:
             targets = ReferenceOutputs(self.network) if target.refit_to == "original" else None
+            held: Optional[Tensor] = None  # which validation images the original gets right
+            if self.held_out:
+                if self.trainer.data_parallel().world_size > 1:
+                    raise ValueError("target.held_out needs one process (its images are the last of the validation "
+                                     "split): run without DDP, or set held_out 0")
+                held = passes_for(()).correct(network, "val")
+                report["before"]["val_accuracy_choosing"] = \
+                    float(held[:len(held) - held_out_count(len(held), self.held_out)].float().mean())
+            before: list[nn.Module] = []  # the network before each group's cut, to give cuts back
             for plan in plans:
+                if held is not None:
+                    before.append(network)
                 network, entry = self.compress_layer(network, plan, passes_for(consumers(plan)), report["before"],
                                                      path, path_ratios, targets)
                 report["layers"].append(entry)
+            if held is not None:
+                network, report["held_out"] = self.check_held_out(network, before, report["layers"],
+                                                                  target.max_accuracy_drop, passes_for(()), held)
         report["paths"] = {e["layer"]: e.pop("path") for e in report["layers"] if "path" in e}
         report["baselines"] = {e["layer"]: e.pop("baselines") for e in report["layers"] if "baselines" in e}
         report = self.finish(network, report, passes_for(consumers(plans[-1])), with_val)

@@ -21,6 +21,11 @@ def format_report(report: dict[str, Any]) -> str:
     for key, label in (("val_accuracy", "validation accuracy"), ("test_accuracy", "test accuracy")):
         if key in b and key in a:
             lines.append(f"{label:28s}{100 * b[key]:13.2f}%{100 * a[key]:13.2f}%{100 * (a[key] - b[key]):+9.2f}pt")
+    if "held_out" in report:
+        h = report["held_out"]
+        lines.append(f"{'held-out val. accuracy':28s}{100 * h['original_accuracy']:13.2f}%{100 * h['accuracy']:13.2f}%"
+                     f"{-h['drop']:+9.2f}pt   ({h['images']} validation images no choice saw; "
+                     f"{len(h['given_back'])} cut(s) given back)")
     if "after_surgery" in report:
         s, tuned = report["after_surgery"], report["finetune"]
         lines.append(f"{'test accuracy after surgery':28s}{'':14s}{100 * s['test_accuracy']:13.2f}%"

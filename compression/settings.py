@@ -91,6 +91,13 @@ class Target:
             upstream (``compression.reference``; one more forward pass of the original per
             statistics pass). A residual stream's consumers, refit together, reproduce the
             current network's outputs either way (``ReferenceOutputs.aims_at``).
+        held_out: the fraction of the validation images (the last ones) that no group's choice
+            sees (0: none). After the last group the whole network is judged on them against the
+            original, and while it loses more than ``max_accuracy_drop`` there, the last cut still
+            standing is given back (``CompressionPipeline.check_held_out``): each group takes the
+            narrowest candidate that clears its floor on the same choosing images, and the luck
+            of many such choices can add up where a fresh sample shows it. For layer-by-layer
+            shares (``cumulative``, ``cumulative_macs``) on one process.
     """
 
     max_accuracy_drop: Optional[float] = None
@@ -99,6 +106,7 @@ class Target:
     candidate_images: Optional[int] = None
     margin_se: float = 0.0
     refit_to: Literal["current", "original"] = "current"
+    held_out: float = 0.0
 
     @property
     def is_set(self) -> bool:

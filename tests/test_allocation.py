@@ -130,3 +130,78 @@ def test_the_longest_prefix_that_holds_is_found_by_bisection():
             asked = []
             found = longest_prefix(count, lambda m: asked.append(m) or m <= answer)
             assert found == answer and 0 not in asked and len(asked) <= max(1, count.bit_length())
+
+
+def test_the_held_out_check_judges_the_network_on_images_no_choice_saw(residual, tmp_path):
+    """``held_out``: the candidates are judged on the first 84 of the 120 validation images, the
+    finished network on the last 36, against the original (recomputed here from the split); the
+    run ends within the budget there or with every cut given back."""
+    budget = 2.0
+    report = pipeline(residual, tmp_path / "held", held_out=0.3).run(
+        ["all"], target=Target(max_accuracy_drop=budget, share="cumulative"))
+    assert all(c["val_images"] == 84 for e in report["layers"] for c in e["candidates"])
+    check = report["held_out"]
+    dm = ToyDataModule(root=".", num_workers=0, batch_size=256)
+    dm.setup("fit")
+    X, y = (torch.cat(t) for t in zip(*dm.val_dataloader()))
+    X, y = X[84:], y[84:]
+    network = load_network(report["network"])
+    with torch.no_grad():
+        original, compressed = residual(X).argmax(1) == y, network(X).argmax(1) == y
+    assert check["images"] == 36 and check["original_accuracy"] == pytest.approx(original.float().mean().item())
+    assert check["accuracy"] == pytest.approx(compressed.float().mean().item())
+    assert check["drop"] == pytest.approx(100 * (original.float().mean() - compressed.float().mean()).item())
+    assert check["within_budget"] == (check["drop"] <= budget)
+    cut = [e for e in report["layers"] if e["width_after"] < e["width_before"]]
+    assert check["within_budget"] or not cut
+    assert "held-out val. accuracy" in format_report(report)
+    # the floors are the original's accuracy on the choosing images minus each group's part
+    choosing = report["before"]["val_accuracy_choosing"]
+    assert report["layers"][-1]["val_accuracy_floor"] == pytest.approx(choosing - budget / 100)
+    with pytest.raises(ValueError, match="held_out checks a layer-by-layer run"):
+        pipeline(residual, tmp_path / "x", held_out=0.3).run(["all"], target=Target(max_accuracy_drop=budget))
+    with pytest.raises(ValueError, match="fraction of the validation images"):
+        pipeline(residual, tmp_path / "x", held_out=1.5).run(["all"], target=Target(max_accuracy_drop=budget,
+                                                                                    share="cumulative"))
+
+
+class FixedVerdicts:
+    """A stand-in for ``DataPasses`` whose networks get the given validation images right."""
+
+    def __init__(self, correct: dict[int, torch.Tensor]) -> None:
+        self.by_network = correct
+
+    def correct(self, network, split):
+        return self.by_network[id(network)]
+
+
+def test_the_held_out_check_gives_back_the_last_cuts_until_the_budget_holds(tmp_path):
+    """Three groups, the first and last cut, the middle kept at full width: the finished network
+    loses 3 of the 10 held-out images (30 points), the one before the last cut 1 (10 points), the
+    original none. With a 20-point budget the last cut is given back; with 5 both are."""
+    networks = [nn.Linear(1, 1) for _ in range(4)]  # the original, after group 0, after 1, after 2
+    right = torch.ones(30, dtype=torch.bool)
+
+    def wrong(count: int) -> torch.Tensor:  # the last ``count`` images (held out) wrong
+        return torch.cat([torch.ones(30 - count, dtype=torch.bool), torch.zeros(count, dtype=torch.bool)])
+    passes = FixedVerdicts({id(networks[0]): right, id(networks[1]): wrong(1), id(networks[2]): wrong(1),
+                            id(networks[3]): wrong(3)})
+
+    def entries():
+        return [{"layer": name, "width_before": 8, "width_after": width, "kept_indices": list(range(width))}
+                for name, width in (("a", 4), ("b", 8), ("c", 2))]
+
+    run = CompressionPipeline(network=networks[0], spec=NetworkSpec("alexnet", 10), datamodule=None,
+                              run_dir=tmp_path, held_out=1 / 3)
+    layers = entries()
+    network, check = run.check_held_out(networks[3], networks[:3], layers, 20.0, passes, right)
+    assert network is networks[2] and check["within_budget"] and check["images"] == 10
+    assert [t["drop"] for t in check["tries"]] == pytest.approx([30.0, 10.0])
+    assert check["given_back"] == [{"layer": "c", "width": 2}]
+    assert [e["width_after"] for e in layers] == [4, 8, 8] and layers[2]["kept_indices"] == list(range(8))
+    assert layers[2]["stop"].startswith("given back")
+
+    layers = entries()
+    network, check = run.check_held_out(networks[3], networks[:3], layers, 5.0, passes, right)
+    assert network is networks[0] and check["within_budget"] and check["drop"] == 0
+    assert [g["layer"] for g in check["given_back"]] == ["c", "a"] and [e["width_after"] for e in layers] == [8, 8, 8]
