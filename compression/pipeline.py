@@ -580,7 +580,7 @@ class CompressionPipeline:
         else:
             val = passes.cut_inputs(network, "val", consumers)
             if self.held_out:  # the last images are the held-out check's
-                val = val.first(len(val.labels) - held_out_count(len(val.labels), self.held_out))
+                val = val.first(self._choosing(len(val.labels)))
             floor = reference.get("val_accuracy_choosing", reference["val_accuracy"]) - plan.value / 100
             entry["val_accuracy_floor"] = floor
             if self._val_before is None or self._val_before[0] is not network:
@@ -620,6 +620,10 @@ class CompressionPipeline:
             return seen[kept]
 
         return judge
+
+    def _choosing(self, images: int) -> int:
+        """How many of ``images`` validation images judge candidates: all but the held-out ones."""
+        return images - held_out_count(images, self.held_out) if self.held_out else images
 
     def check_held_out(self, network: nn.Module, before: list[nn.Module], entries: list[dict[str, Any]],
                        budget: float, passes: DataPasses, original: Tensor) -> tuple[nn.Module, dict[str, Any]]:
@@ -850,8 +854,7 @@ class CompressionPipeline:
             return
         accuracy = "" if candidate.val_accuracy is None else f", validation {100 * candidate.val_accuracy:.2f}%"
         if candidate.val_se is not None:
-            choosing = len(self.datamodule.val_set)
-            choosing -= held_out_count(choosing, self.held_out) if self.held_out else 0
+            choosing = self._choosing(len(self.datamodule.val_set))
             accuracy += f" (standard error {100 * candidate.val_se:.2f} against the network before the cut" + (
                 f"; stopped after {candidate.val_images} images, a clear failure)"
                 if candidate.val_images < choosing else ")")
@@ -971,7 +974,7 @@ class CompressionPipeline:
                                      "split): run without DDP, or set held_out 0")
                 held = passes_for(()).correct(network, "val")
                 report["before"]["val_accuracy_choosing"] = \
-                    float(held[:len(held) - held_out_count(len(held), self.held_out)].float().mean())
+                    float(held[:self._choosing(len(held))].float().mean())
             before: list[nn.Module] = []  # the network before each group's cut, to give cuts back
             for plan in plans:
                 if held is not None:
