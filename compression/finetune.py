@@ -51,6 +51,11 @@ class FinetuneSettings:
 
     Args:
         epochs: training epochs; 0 turns fine-tuning off.
+        batch_size: images per optimizer step (per process). ``None``: the training run's (its
+            DataModule's, recorded in ``train.py``'s checkpoint), else the compression's
+            DataModule's. The learning rate below is the training run's scaled, and it was tuned
+            at the training run's batch size: a compression reads its passes in batches of 500,
+            and one epoch in those batches is a quarter of the steps of one at ResNet-56's 128.
         lr_factor: the fine-tuning learning rate is the training run's times this.
         lr: an absolute learning rate that overrides ``lr_factor`` (``None``: use the factor).
         dropout: the probability of every Dropout layer while fine-tuning (``None``: the
@@ -70,6 +75,7 @@ class FinetuneSettings:
     """
 
     epochs: int = 0
+    batch_size: Optional[int] = None
     lr_factor: float = 0.1
     lr: Optional[float] = None
     dropout: Optional[float] = 0.0
@@ -80,6 +86,10 @@ class FinetuneSettings:
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             raise ValueError(f"finetune epochs must be an integer >= 0 (0: no fine-tuning), got {self.epochs!r}")
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                                            or self.batch_size < 1):
+            raise ValueError(f"finetune batch_size must be a positive integer, or null for the training run's, "
+                             f"got {self.batch_size!r}")
         if not (isinstance(self.lr_factor, (int, float)) and self.lr_factor > 0):
             raise ValueError(
                 f"finetune lr_factor must be > 0 (the training lr is multiplied by it), got {self.lr_factor!r}")
@@ -96,6 +106,20 @@ class FinetuneSettings:
             raise ValueError(f"finetune anneal must be true or false, got {self.anneal!r}")
 
 
+def _training_run(info: dict) -> Optional[dict]:
+    """The training run's hyper-parameters in ``info`` (see ``finetune_settings_from_training``)."""
+    return info.get("hparams", info if "lr" in info else None)
+
+
+def finetune_batch_size(info: dict, settings: FinetuneSettings, datamodule: pl.LightningDataModule) -> int:
+    """The batch size fine-tuning trains at: ``settings.batch_size``, else the training run's
+    (``info`` as in ``finetune_settings_from_training``), else ``datamodule``'s."""
+    if settings.batch_size is not None:
+        return settings.batch_size
+    trained = (_training_run(info) or {}).get("batch_size")
+    return int(trained) if trained is not None else int(datamodule.hparams.batch_size)
+
+
 def finetune_settings_from_training(info: dict, settings: Optional[FinetuneSettings] = None) -> dict:
     """Classifier keyword arguments for fine-tuning, from the training run's hyper-parameters.
 
@@ -106,7 +130,7 @@ def finetune_settings_from_training(info: dict, settings: Optional[FinetuneSetti
     paper authors' files), Adam with lr 1e-5 (or ``settings.lr``) and weight decay 1e-4.
     """
     settings = settings or FinetuneSettings()
-    hparams = info.get("hparams", info if "lr" in info else None)
+    hparams = _training_run(info)
     if not hparams or "lr" not in hparams:
         out = dict(DEFAULT_HPARAMS)
         if settings.lr is not None:
@@ -167,7 +191,8 @@ def finetune(
 
     Args:
         network_file: the compressed network (``models.checkpoints.save_network``).
-        datamodule: trains on its train split, validates on its val split.
+        datamodule: trains on its train split, validates on its val split (in batches of
+            ``finetune_batch_size``).
         train_hparams: the training run's hyper-parameters (see ``finetune_settings_from_training``).
         run_dir: everything goes to ``run_dir/finetune`` (see the module doc); an interrupted
             run there is resumed, a finished one is loaded.
@@ -180,16 +205,19 @@ def finetune(
             deleted and done again for this network (default: refused, with the folder named).
     Returns:
         the network with the last epoch's weights (an ordinary ``nn.Module``, eval mode, on the
-        CPU, the layer widths of ``network_file``) and ``{"epochs", "lr", "optimizer",
-        "weight_decay", "dropout", "distill", "temperature", "anneal", "val_accuracy", "seconds"}`` (``val_accuracy``: of the last epoch's
-        validation, ``None`` without one; ``seconds``: of this call's training).
+        CPU, the layer widths of ``network_file``) and ``{"epochs", "batch_size", "lr",
+        "optimizer", "weight_decay", "dropout", "distill", "temperature", "anneal", "val_accuracy",
+        "seconds"}`` (``val_accuracy``: of the last epoch's validation, ``None`` without one;
+        ``seconds``: of this call's training).
     """
     network_file, run_dir = Path(network_file), Path(run_dir)
     state, _ = read_checkpoint(network_file)
     compressed = network_from_state(state, spec, source=str(network_file))
     hparams = finetune_settings_from_training(train_hparams, settings)
-    summary: dict[str, Any] = {"epochs": settings.epochs, "lr": hparams["lr"], "optimizer": hparams["optimizer"],
-                               "weight_decay": hparams["weight_decay"], "dropout": settings.dropout,
+    batch_size = finetune_batch_size(train_hparams, settings, datamodule)
+    summary: dict[str, Any] = {"epochs": settings.epochs, "batch_size": batch_size, "lr": hparams["lr"],
+                               "optimizer": hparams["optimizer"], "weight_decay": hparams["weight_decay"],
+                               "dropout": settings.dropout,
                                "distill": settings.distill, "temperature": settings.temperature,
                                "anneal": settings.anneal, "val_accuracy": None, "seconds": 0.0}
     if settings.epochs == 0:
@@ -210,10 +238,12 @@ def finetune(
     if done.is_file():
         done_state, done_info = read_checkpoint(done)
         previous = done_info.get("finetune", {})
-        # runs finished before distillation and annealing existed: labels alone, constant rate
-        previous = {"distill": 0.0, "temperature": settings.temperature, "anneal": False, **previous}
-        changed = {k: (previous.get(k), summary[k]) for k in ("epochs", "lr", "optimizer", "weight_decay", "dropout",
-                                                              "distill", "temperature", "anneal")
+        # runs finished before distillation, annealing and the batch size existed: labels alone, constant
+        # rate, the compression's DataModule's batch size
+        previous = {"distill": 0.0, "temperature": settings.temperature, "anneal": False,
+                    "batch_size": "the compression's DataModule's", **previous}
+        changed = {k: (previous.get(k), summary[k]) for k in ("epochs", "batch_size", "lr", "optimizer", "weight_decay",
+                                                              "dropout", "distill", "temperature", "anneal")
                    if previous.get(k) != summary[k]}
         if changed:
             differences = ", ".join(f"{k}: {then} then, {now} now" for k, (then, now) in changed.items())
@@ -227,6 +257,12 @@ def finetune(
     if reserved:
         raise ValueError(f"finetune sets {', '.join(reserved)} itself: leave them out of trainer_kwargs "
                          "(use settings.epochs, run_dir, logger, callbacks)")
+    if batch_size != datamodule.hparams.batch_size:
+        if not hasattr(datamodule, "with_batch_size"):
+            raise ValueError(f"fine-tuning at batch size {batch_size} needs a DataModule with with_batch_size() "
+                             f"(datamodules.base.ImageDataModule); {type(datamodule).__name__} has none: set "
+                             f"finetune.batch_size to its own, {datamodule.hparams.batch_size}")
+        datamodule = datamodule.with_batch_size(batch_size)
     pl.seed_everything(seed, verbose=False)
     module = Classifier(arch=spec.arch, num_classes=spec.num_classes, small_input=spec.small_input,
                         init_checkpoint=str(network_file), save_best=False, distill=settings.distill,
@@ -283,4 +319,4 @@ def _check_still_compressed(network: nn.Module, compressed: nn.Module, network_f
         )
 
 
-__all__ = ["FinetuneSettings", "RestoreRNG", "finetune", "finetune_settings_from_training"]
+__all__ = ["FinetuneSettings", "RestoreRNG", "finetune", "finetune_batch_size", "finetune_settings_from_training"]

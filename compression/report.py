@@ -30,7 +30,9 @@ def format_report(report: dict[str, Any]) -> str:
         s, tuned = report["after_surgery"], report["finetune"]
         lines.append(f"{'test accuracy after surgery':28s}{'':14s}{100 * s['test_accuracy']:13.2f}%"
                      f"{100 * (s['test_accuracy'] - b['test_accuracy']):+9.2f}pt   "
-                     f"(then {tuned['epochs']} fine-tuning epochs, lr {tuned['lr']:g})")
+                     f"(then {tuned['epochs']} fine-tuning epochs, lr {tuned['lr']:g}"
+                     + (", annealed" if tuned.get("anneal") else "")
+                     + (f", batches of {tuned['batch_size']}" if "batch_size" in tuned else "") + ")")
     if len(report["layers"]) <= 12:
         for entry in report["layers"]:
             label = f"width into {entry['module']}"

@@ -2,6 +2,7 @@
 subset, and a deterministic pass over the training split for compression."""
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from typing import Callable, Optional
 
@@ -94,6 +95,17 @@ class ImageDataModule(pl.LightningDataModule, ABC):
             persistent_workers=self.hparams.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def with_batch_size(self, batch_size: int) -> "ImageDataModule":
+        """The same data (the same splits, shared once set up) in batches of ``batch_size``:
+        a compression reads its passes in large batches, and its fine-tuning trains in the
+        training run's."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        other = copy.copy(self)
+        other._hparams = copy.copy(self.hparams)  # its own, so that this one keeps its batch size
+        other.hparams.batch_size = batch_size
+        return other
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -37,7 +37,7 @@ def read_checkpoint(path: str | Path, arch: Optional[Arch] = None) -> tuple[dict
     """Return ``(state_dict, info)``; ``info`` holds ``arch``/``num_classes``/``small_input``
     (from the file, else inferred from the keys; ``arch`` given here is not inferred) and, for
     a Lightning checkpoint, the module's hyper-parameters as ``info["hparams"]`` (optimizer, lr,
-    weight_decay, ... of the training run)."""
+    weight_decay, ... of the training run), with its DataModule's ``batch_size`` among them."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
@@ -57,6 +57,9 @@ def unpack_checkpoint(obj: Any, arch: Optional[Arch] = None) -> tuple[dict[str, 
         info = {k: hparams[k] for k in ("arch", "num_classes", "small_input") if k in hparams}
         if hparams:  # LightningCLI's private entries (``_instantiator``, ...) are left out
             info["hparams"] = {k: v for k, v in dict(hparams).items() if not str(k).startswith("_")}
+        data = obj.get("datamodule_hyper_parameters") or {}
+        if "batch_size" in data:  # what fine-tuning trains at (compression.finetune)
+            info.setdefault("hparams", {})["batch_size"] = data["batch_size"]
         state = {k[len("model."):]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
         if not state:
             raise CheckpointMismatchError(

@@ -90,9 +90,11 @@ def test_fine_tuning_keeps_the_compressed_widths(demo_run, shared_cache):
     assert layer_widths(kept) == surgery["widths"] == layer_widths(final)
     assert any(not torch.equal(a, b) for a, b in zip(kept.state_dict().values(), final.state_dict().values()))
     assert report["finetune"]["epochs"] == 1 and report["finetune"]["lr"] == pytest.approx(3e-5)  # 0.1 x training lr
+    assert report["finetune"]["batch_size"] == 64  # the training run's, not the compression's 500
     assert tuned["train_loss"] != surgery["train_loss"]  # it trained
-    # 17 steps at 0.1 x the training lr, dropout off, recover part of what compressing the briefly
-    # trained network cost (measured: 59.8 -> 67.5 %); a broken fine-tuning falls instead.
+    # 64 steps (4,096 images in the training run's batches of 64) at 0.1 x the training lr, dropout
+    # off, recover part of what compressing the briefly trained network cost; a broken fine-tuning
+    # falls instead.
     assert tuned["test_accuracy"] > surgery["test_accuracy"]
 
 

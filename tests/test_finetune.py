@@ -53,6 +53,8 @@ def test_settings_are_validated():
         FinetuneSettings(epochs=1, lr=-1e-3)
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), or null"):
         FinetuneSettings(epochs=1, dropout=1.0)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, or null"):
+        FinetuneSettings(epochs=1, batch_size=0)
     assert FinetuneSettings().epochs == 0
 
 
@@ -140,6 +142,48 @@ def test_dropout_during_finetuning(compressed_file, fashion_root, tmp_path, drop
     with pytest.raises(ValueError, match="fine-tuned with other settings.*dropout"):
         finetune(compressed_file, NetworkSpec("alexnet", 10), datamodule(fashion_root), FinetuneSettings(epochs=1, dropout=0.1),
                  TRAIN_HPARAMS, tmp_path, trainer)
+
+
+class BatchesSeen(pl.Callback):
+    """The size of every training batch."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.sizes.append(len(batch[1]))
+
+
+def test_finetuning_trains_at_the_training_runs_batch_size(compressed_file, fashion_root, tmp_path):
+    """The batch size is the training run's (recorded with its hyper-parameters), not the
+    compression DataModule's (64 here), unless ``batch_size`` says otherwise; the DataModule
+    handed in keeps its own, and a finished run of another batch size is not reused."""
+    dm = datamodule(fashion_root)
+    dm.setup("fit")  # as a compression's is
+    trained_at_32 = {"hparams": {**TRAIN_HPARAMS["hparams"], "batch_size": 32}}
+    trainer = {**TRAINER, "limit_train_batches": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+    for hparams, settings, expected in ((trained_at_32, FinetuneSettings(epochs=1), 32),
+                                        (trained_at_32, FinetuneSettings(epochs=1, batch_size=16), 16),
+                                        (TRAIN_HPARAMS, FinetuneSettings(epochs=1), 64)):  # not recorded
+        seen = BatchesSeen()
+        _, summary = finetune(compressed_file, NetworkSpec("alexnet", 10), dm, settings, hparams,
+                              tmp_path / str(expected), trainer, callbacks=[seen])
+        assert seen.sizes == [expected, expected] and summary["batch_size"] == expected
+        assert dm.hparams.batch_size == 64 and next(iter(dm.train_dataloader()))[1].shape == (64,)
+    with pytest.raises(ValueError, match="fine-tuned with other settings.*batch_size: 32 then, 16 now"):
+        finetune(compressed_file, NetworkSpec("alexnet", 10), dm, FinetuneSettings(epochs=1, batch_size=16),
+                 trained_at_32, tmp_path / "32", trainer)
+
+
+def test_a_datamodule_in_other_batches_shares_the_data(fashion_root):
+    dm = datamodule(fashion_root)
+    dm.setup("fit")
+    other = dm.with_batch_size(100)
+    assert other.val_set is dm.val_set and other.train_set is dm.train_set
+    assert [len(y) for _, y in other.train_dataloader()] == [100, 100, 56]
+    assert [len(y) for _, y in dm.train_dataloader()] == [64] * 4
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        dm.with_batch_size(0)
 
 
 class CrashAtEpoch(pl.Callback):

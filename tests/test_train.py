@@ -133,6 +133,17 @@ def test_short_real_training_beats_accuracy_floor(trained_alexnet):
     assert {"train/loss_step", "val/acc", "test/acc"} <= set(scalars)
 
 
+def test_the_checkpoint_records_what_fine_tuning_reuses(trained_alexnet):
+    """``read_checkpoint`` of ``train.py``'s checkpoint: the module's optimizer and learning rate,
+    and the DataModule's batch size (``compression.finetune`` trains at it)."""
+    from models.checkpoints import read_checkpoint
+
+    cli = trained_alexnet
+    _, info = read_checkpoint(cli.trainer.checkpoint_callback.best_model_path)
+    assert info["hparams"]["lr"] == cli.model.hparams.lr
+    assert info["hparams"]["batch_size"] == cli.datamodule.hparams.batch_size
+
+
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu_trains_and_logs(tmp_path, fashion_root):
     """``--trainer.strategy ddp --trainer.devices 2`` on the CPU (gloo): both ranks train, rank 0 logs."""
