@@ -217,9 +217,9 @@ def finetune(
     batch_size = finetune_batch_size(train_hparams, settings, datamodule)
     summary: dict[str, Any] = {"epochs": settings.epochs, "batch_size": batch_size, "lr": hparams["lr"],
                                "optimizer": hparams["optimizer"], "weight_decay": hparams["weight_decay"],
-                               "dropout": settings.dropout,
-                               "distill": settings.distill, "temperature": settings.temperature,
-                               "anneal": settings.anneal, "val_accuracy": None, "seconds": 0.0}
+                               "dropout": settings.dropout, "distill": settings.distill,
+                               "temperature": settings.temperature, "anneal": settings.anneal,
+                               "val_accuracy": None, "seconds": 0.0}
     if settings.epochs == 0:
         return compressed, summary
     if settings.distill > 0 and teacher is None:
