@@ -103,8 +103,11 @@ class ImageDataModule(pl.LightningDataModule, ABC):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         other = copy.copy(self)
-        other._hparams = copy.copy(self.hparams)  # its own, so that this one keeps its batch size
-        other.hparams.batch_size = batch_size
+        # its own hyper-parameters, so that this one keeps its batch size; the initial ones too,
+        # which are what a logger writes to the run's hparams.yaml
+        other._hparams = copy.copy(self.hparams)
+        other._hparams_initial = copy.copy(self.hparams_initial)
+        other.hparams.batch_size = other._hparams_initial.batch_size = batch_size
         return other
 
     def train_dataloader(self) -> DataLoader:

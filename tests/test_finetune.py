@@ -7,6 +7,7 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 
 from compression.finetune import DONE_FILE, FinetuneSettings, finetune, finetune_settings_from_training
 from datamodules.fashion_mnist import FashionMNISTDataModule
@@ -169,6 +170,8 @@ def test_finetuning_trains_at_the_training_runs_batch_size(compressed_file, fash
         _, summary = finetune(compressed_file, NetworkSpec("alexnet", 10), dm, settings, hparams,
                               tmp_path / str(expected), trainer, callbacks=[seen])
         assert seen.sizes == [expected, expected] and summary["batch_size"] == expected
+        logged = yaml.safe_load((tmp_path / str(expected) / "finetune" / "hparams.yaml").read_text())
+        assert logged["batch_size"] == expected  # what the run's TensorBoard folder says it used
         assert dm.hparams.batch_size == 64 and next(iter(dm.train_dataloader()))[1].shape == (64,)
     with pytest.raises(ValueError, match="fine-tuned with other settings.*batch_size: 32 then, 16 now"):
         finetune(compressed_file, NetworkSpec("alexnet", 10), dm, FinetuneSettings(epochs=1, batch_size=16),
@@ -182,6 +185,7 @@ def test_a_datamodule_in_other_batches_shares_the_data(fashion_root):
     assert other.val_set is dm.val_set and other.train_set is dm.train_set
     assert [len(y) for _, y in other.train_dataloader()] == [100, 100, 56]
     assert [len(y) for _, y in dm.train_dataloader()] == [64] * 4
+    assert other.hparams_initial.batch_size == 100 and dm.hparams_initial.batch_size == 64
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         dm.with_batch_size(0)
 
