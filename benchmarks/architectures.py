@@ -189,8 +189,8 @@ def main_runs(args: argparse.Namespace, work: Path, describe: Optional[Describe]
 #: The runs beside the network's own config, at the first budget, without fine-tuning: name ->
 #: (the method's row label, compress.py options).
 COMPARISONS = {
-    "knapsack": ("lasso_refit, knapsack over every group's candidates",
-                 ["--target.share", "macs", "--target.candidate_images", "2000"]),
+    "knapsack": ("lasso_refit, knapsack over every group's candidates",  # which judges cuts by images lost, no margin
+                 ["--target.share", "macs", "--target.candidate_images", "2000", "--target.margin_se", "0"]),
     "cumulative": ("lasso_refit, layer by layer, refit to the current network",
                    ["--target.share", "cumulative", "--target.refit_to", "current"]),
     "layer_by_layer": ("lasso_refit, layer by layer, refit to the original",

@@ -6,7 +6,7 @@ judges accuracy targets), ``convergence`` the stopping rule, ``trainer`` the
 devices/strategy (DDP shards the passes over the data) and the ``max_steps`` budget of a
 solve, ``target`` and ``finetune`` what the user wants. Top-level fields: ``checkpoint``,
 ``layers``, ``lambdas`` / ``lambda_ratios``, ``path`` / ``path_ratios``, ``debias``, ``round_to``,
-``baselines``, ``conv_positions``, ``cache_dir``, ``report``, ``resume``.
+``final_refit``, ``baselines``, ``conv_positions``, ``cache_dir``, ``report``, ``resume``.
 
 How much to compress is said in exactly one way: ``--target.max_accuracy_drop``,
 ``--target.width``, ``--lambda_ratios`` or ``--lambdas``. One given on the command line
@@ -143,6 +143,11 @@ class CompressCLI(ProjectCLI):
                             help="Keep a multiple of this many neurons or channels in every compressed layer (8 or 16 "
                                  "suits the channel blocks of ONNX Runtime's and GPU kernels): each certified support "
                                  "is rounded up by the neurons nearest to entering it, and refit by least squares.")
+        parser.add_argument("--final_refit", type=bool, default=False,
+                            help="After the last cut, refit every layer downstream of a cut once more, in forward "
+                                 "order, by least squares to the original network's outputs from the compressed "
+                                 "network's own inputs (one pass over the statistics images per layer); kept only if "
+                                 "validation accuracy does not fall.")
         parser.add_argument("--baselines", type=bool, default=False,
                             help="Also measure the baselines (magnitude, activation, refits, Torch-Pruning when "
                                  "installed) at the final width and at every path point's width.")
@@ -216,7 +221,8 @@ class CompressCLI(ProjectCLI):
             make_convergence=partial(Convergence, **dict(config.convergence)),
             trainer=TrainerSettings.from_config(config.trainer),
             cache_dir=Path(config.cache_dir) if config.cache_dir else None, checkpoint_every=config.checkpoint_every,
-            debias=config.debias, round_to=config.round_to, logger=logger, finetune=FinetuneSettings(**dict(config.finetune)),
+            debias=config.debias, round_to=config.round_to, final_refit=config.final_refit, logger=logger,
+            finetune=FinetuneSettings(**dict(config.finetune)),
             train_hparams=info.get("hparams") or {}, baselines=config.baselines,
             conv_sampling={} if config.conv_positions is None else {"positions": config.conv_positions,
                                                                     "seed": config.seed_everything or 0},

@@ -15,11 +15,14 @@ parts:
    ``Convergence``, checkpointed so that an interrupted run resumes); optional debiasing;
    then surgery) or, for an accuracy budget shared by what each group's candidates buy
    (``allocate``), all candidates first, one knapsack choice, and one surgery;
+   then, with ``final_refit``, every layer downstream of a cut refit once more to the
+   original's outputs (``compression.final_refit``);
 3. ``finish``: the smaller network saved (``models.checkpoints.save_network``), optional
    recovery fine-tuning (``compression.finetune``), and the before/after report.
 """
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 import time
@@ -39,6 +42,7 @@ from torch import Tensor, nn
 from callbacks.convergence import Convergence
 from compression.allocation import Option, by_efficiency, choose, longest_prefix, next_budget
 from compression.baselines import IMPORTANCES, equal_width_weights, torch_pruning_available, torch_pruning_network
+from compression.final_refit import layers_to_sweep, reference_after, set_weight
 from compression.finetune import FinetuneSettings, finetune
 from compression.layer_problem import LayerProblem
 from compression.passes import CutInputs, DataPasses, Verdict, all_reduce_sum, head_of
@@ -159,7 +163,8 @@ def _safe_tag(layer: str) -> str:
     return layer.replace("/", "_")
 
 
-def describe_plan(analysis: NetworkAnalysis, plans: list[LayerPlan], target: Target, allocate: bool) -> str:
+def describe_plan(analysis: NetworkAnalysis, plans: list[LayerPlan], target: Target, allocate: bool,
+                  final_refit: bool = False) -> str:
     """The plan, printed once before any pass: every group of neurons and how much to compress it."""
     how = {"lambda": "at lambda {:g}", "ratio": "at {:g} of its lambda_max", "width": "to width {:g}"}
     if plans[0].how == "accuracy":
@@ -181,6 +186,9 @@ def describe_plan(analysis: NetworkAnalysis, plans: list[LayerPlan], target: Tar
                (f", made by {len(group.producers)} layers (coupled)" if group.coupled else "")
         amount = "" if plan.how == "accuracy" else " " + how[plan.how].format(plan.value)
         lines.append(f"  {plan.layer}{amount}: {what}")
+    if final_refit:
+        lines.append("then every layer from the first cut's consumer on refit once more to the original's outputs "
+                     "(final_refit), kept if validation accuracy does not fall")
     return "\n".join(lines)
 
 
@@ -231,6 +239,9 @@ class CompressionPipeline:
     # Adam steps.
     width_tolerance: float = 0.05
     comparison_seconds: float = 570.0
+    # After the last cut, refit every layer downstream of a cut once more, in forward order, to the
+    # original network's outputs (``compression.final_refit``); kept if validation does not fall.
+    final_refit: bool = False
 
     @property
     def is_global_zero(self) -> bool:
@@ -870,6 +881,39 @@ class CompressionPipeline:
                 experiment.add_scalar(f"search/{layer}/{key}", value, step)
         self._candidates_logged = step + 1
 
+    def refit_sweep(self, network: nn.Module, analysis: NetworkAnalysis, entries: list[dict[str, Any]],
+                    passes_for: Callable[[Sequence[str]], DataPasses]) -> tuple[nn.Module, dict[str, Any]]:
+        """The last refit sweep (``compression.final_refit``): every layer from the first consumer of
+        a cut on, in forward order, refit by least squares to the original network's outputs from
+        the inputs of the network as swept so far (training statistics; one pass each, both
+        networks stopping at the layer). Returns the swept network if its validation accuracy is
+        not lower than ``network``'s (else ``network``), and the sweep's record."""
+        began = time.perf_counter()
+        reference = reference_after(self.network, analysis, entries)
+        swept = copy.deepcopy(network).eval()
+        rows = []
+        layers = layers_to_sweep(network, analysis, entries)
+        for i, layer in enumerate(layers):
+            train, seconds = passes_for([layer]).evaluate(swept, "train", [layer], targets=reference.network,
+                                                          output_index=reference.output_index)
+            stats = train.stats[layer]
+            W = swept.get_submodule(layer).weight.detach().reshape(stats.D, -1).to(stats.G.dtype)
+            V = debias(stats, W)
+            set_weight(swept, layer, V)
+            rows.append({"layer": layer, "mse_before": mse(stats, W), "mse_after": mse(stats, V),
+                         "stats_seconds": round(seconds, 2)})
+            rank_zero_info(f"[final refit {i + 1}/{len(layers)}] {layer}: MSE to the original's outputs "
+                           f"{rows[-1]['mse_before']:.4g} -> {rows[-1]['mse_after']:.4g}")
+        val = passes_for(())
+        before = val.evaluate(network, "val")[0].accuracy
+        after = val.evaluate(swept, "val")[0].accuracy if layers else before
+        kept = after >= before
+        rank_zero_info(f"final refit of {len(layers)} layers: validation accuracy {100 * before:.2f}% -> "
+                       f"{100 * after:.2f}%, " + ("kept" if kept else "not kept: the network before the sweep stays"))
+        record = {"layers": rows, "val_accuracy_before": before, "val_accuracy_after": after, "kept": kept,
+                  "seconds": round(time.perf_counter() - began, 1)}
+        return (swept if kept else network), record
+
     # --- 3. the result -------------------------------------------------------------------------
     def profile(self, network: nn.Module, passes: DataPasses, with_val: bool, layers: Sequence[str] = (),
                 once: bool = False) -> dict[str, Any]:
@@ -944,7 +988,7 @@ class CompressionPipeline:
         self.datamodule.setup("fit")
         network = self.network.eval()
         if self.is_global_zero:
-            rank_zero_info(describe_plan(analysis, plans, target, allocate))
+            rank_zero_info(describe_plan(analysis, plans, target, allocate, self.final_refit))
         heads: dict[str, DataPasses] = {}
 
         def passes_for(modules: Sequence[str]) -> DataPasses:
@@ -985,6 +1029,8 @@ class CompressionPipeline:
             if held is not None:
                 network, report["held_out"] = self.check_held_out(network, before, report["layers"],
                                                                   target.max_accuracy_drop, passes_for(()), held)
+        if self.final_refit:
+            network, report["final_refit"] = self.refit_sweep(network, analysis, report["layers"], passes_for)
         report["paths"] = {e["layer"]: e.pop("path") for e in report["layers"] if "path" in e}
         report["baselines"] = {e["layer"]: e.pop("baselines") for e in report["layers"] if "baselines" in e}
         report = self.finish(network, report, passes_for(consumers(plans[-1])), with_val)

@@ -26,6 +26,13 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{'held-out val. accuracy':28s}{100 * h['original_accuracy']:13.2f}%{100 * h['accuracy']:13.2f}%"
                      f"{-h['drop']:+9.2f}pt   ({h['images']} validation images no choice saw; "
                      f"{len(h['given_back'])} cut(s) given back)")
+    if "final_refit" in report:
+        f = report["final_refit"]
+        lines.append(f"{'val. accuracy, final refit':28s}{100 * f['val_accuracy_before']:13.2f}%"
+                     f"{100 * f['val_accuracy_after']:13.2f}%"
+                     f"{100 * (f['val_accuracy_after'] - f['val_accuracy_before']):+9.2f}pt   "
+                     f"({len(f['layers'])} layers refit to the original's outputs in {f['seconds']:.0f} s; "
+                     + ("kept)" if f["kept"] else "not kept)"))
     if "after_surgery" in report:
         s, tuned = report["after_surgery"], report["finetune"]
         lines.append(f"{'test accuracy after surgery':28s}{'':14s}{100 * s['test_accuracy']:13.2f}%"

@@ -8,6 +8,8 @@ computed here with numpy from the two networks' activations, not from the statis
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -210,3 +212,61 @@ def test_rounded_widths_keep_the_lasso_support_and_refit_on_it(tmp_path):
     fitted = report["layers"][0]
     assert fitted["mse_debiased"] == pytest.approx(float(((x[:, kept] @ torch.from_numpy(oracle) - (y - b)) ** 2).mean()),
                                                    rel=1e-6)
+
+
+def test_the_final_refit_sweep_refits_every_layer_after_the_first_cut_in_forward_order(tmp_path):
+    """ResidualMLP, the stream cut to 20 of 32 channels and fc1a's outputs to 24 of 48 (refit to
+    the original), then ``--final_refit``: fc1a, fc2a, fc1b, fc2b and out (the first consumer of a
+    cut on; the stem reads what it always read) are refit one after the other. Each weight is the
+    numpy least-squares fit of the original's outputs at the units the layer kept on the inputs
+    of the network refit so far (the oracle sweeps the run's network without the sweep), and the
+    in-sample error to the original's outputs never grows."""
+    torch.manual_seed(0)
+    original = train_on_toy(ResidualMLP())
+    args = ("--target.refit_to", "original", "--lambda_ratios", "null", "--target.width", "[20, 24]")
+    plain, before = _compress(tmp_path / "plain", original, ResidualMLP, *args, layers='["out", "fc2a"]')
+    report, swept = _compress(tmp_path / "swept", original, ResidualMLP, *args, "--final_refit", "true",
+                              layers='["out", "fc2a"]')
+    assert [e["width_after"] for e in report["layers"]] == [20, 24]
+    sweep = report["final_refit"]
+    order = ["fc1a", "fc2a", "fc1b", "fc2b", "out"]
+    assert [row["layer"] for row in sweep["layers"]] == order
+    assert all(row["mse_after"] <= row["mse_before"] * (1 + 1e-9) for row in sweep["layers"])
+    assert sweep["kept"] == (sweep["val_accuracy_after"] >= sweep["val_accuracy_before"])
+    assert sweep["kept"], sweep  # this case gains; the guard's other side is tested below
+    stream, inner = (report["layers"][i]["kept_indices"] for i in (0, 1))
+    units = {"fc1a": inner, "fc2a": stream, "fc1b": list(range(48)), "fc2b": stream, "out": list(range(3))}
+    X = _training_inputs()
+    oracle = copy.deepcopy(before)
+    for layer in order:
+        x = _activations(oracle, X, layer)[0]
+        y = _activations(original, X, layer)[1][:, units[layer]]
+        b = oracle.get_submodule(layer).bias.detach().double()
+        W, *_ = np.linalg.lstsq(x.numpy(), (y - b).numpy(), rcond=None)
+        with torch.no_grad():
+            oracle.get_submodule(layer).weight.copy_(torch.from_numpy(W.T))
+        np.testing.assert_allclose(swept.get_submodule(layer).weight.detach().double().numpy(), W.T,
+                                   rtol=1e-4, atol=1e-5, err_msg=layer)
+    assert swept.stem.weight.equal(before.stem.weight)  # before the first cut's consumer: untouched
+    with torch.no_grad():
+        target = original(X)
+        assert (swept(X) - target).square().mean() < (before(X) - target).square().mean()
+
+
+def test_a_final_refit_that_lowers_validation_accuracy_is_not_kept(tmp_path, monkeypatch):
+    """The sweep's guard: when the swept network's validation accuracy is below the network's
+    before the sweep, the run keeps (and saves) the network before it. Here every refit is made
+    to zero the layer's weights, a sweep that can only lose."""
+    import compression.final_refit as final_refit
+    import compression.pipeline as pipeline
+
+    torch.manual_seed(0)
+    original = train_on_toy(ResidualMLP())
+    monkeypatch.setattr(pipeline, "set_weight",
+                        lambda network, layer, V: final_refit.set_weight(network, layer, torch.zeros_like(V)))
+    args = ("--target.refit_to", "original", "--lambda_ratios", "null", "--target.width", "[20, 24]")
+    report, compressed = _compress(tmp_path / "guard", original, ResidualMLP, *args, "--final_refit", "true",
+                                   layers='["out", "fc2a"]')
+    sweep = report["final_refit"]
+    assert sweep["val_accuracy_after"] < sweep["val_accuracy_before"] and not sweep["kept"]
+    assert all(compressed.get_submodule(row["layer"]).weight.abs().sum() > 0 for row in sweep["layers"])
