@@ -29,12 +29,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 from torch import nn
 
 from compression.reference import ReferenceOutputs
 from models.dependency import NetworkAnalysis
-from models.surgery import as_weight
 
 
 def reference_after(original: nn.Module, analysis: NetworkAnalysis, entries: Sequence[dict[str, Any]]) -> ReferenceOutputs:
@@ -62,9 +60,3 @@ def layers_to_sweep(network: nn.Module, analysis: NetworkAnalysis, entries: Sequ
             out.append(layer)
     return out
 
-
-def set_weight(network: nn.Module, layer: str, V: torch.Tensor) -> None:
-    """Write the solution V (D, K) in the layer's layout into ``layer``'s weight, in place."""
-    weight = network.get_submodule(layer).weight
-    with torch.no_grad():
-        weight.copy_(as_weight(V, weight, layer).to(weight.dtype))

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from callbacks.convergence import Convergence
 from compression.allocation import Option, by_efficiency, choose, longest_prefix, next_budget
 from compression.baselines import IMPORTANCES, equal_width_weights, torch_pruning_available, torch_pruning_network
-from compression.final_refit import layers_to_sweep, reference_after, set_weight
+from compression.final_refit import layers_to_sweep, reference_after
 from compression.finetune import FinetuneSettings, finetune
 from compression.layer_problem import LayerProblem
 from compression.passes import CutInputs, DataPasses, Verdict, all_reduce_sum, head_of
@@ -60,7 +60,7 @@ from models.layers import analyse_layer, group_width, resolve_layers
 from models.profile import count_macs, count_parameters, latency_ms, layer_widths, module_macs
 from models.registry import NetworkSpec
 from models.export import EXPORTERS, export_checked_and_timed
-from models.surgery import prune_channels, remove_neurons, used_channels, with_weights
+from models.surgery import prune_channels, remove_neurons, set_weight, used_channels, with_weights
 from compression import cache
 
 # format -> (writer, checker, file extension)

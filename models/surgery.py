@@ -36,10 +36,16 @@ def with_weights(model: nn.Module, weights: dict[str, Tensor]) -> nn.Module:
     kept): each the weight's shape, or for a Conv2d also the flattened (D, C_in*kh*kw)."""
     out = copy.deepcopy(model)
     for layer, V in weights.items():
-        weight = out.get_submodule(layer).weight
-        with torch.no_grad():
-            weight.copy_(as_weight(V, weight, layer).to(weight.dtype))
+        set_weight(out, layer, V)
     return out
+
+
+def set_weight(model: nn.Module, layer: str, V: Tensor) -> None:
+    """Write ``V`` into ``layer``'s weight in place (``as_weight``: its shape, or a Conv2d's
+    flattened (D, C_in*kh*kw)), in the weight's dtype."""
+    weight = model.get_submodule(layer).weight
+    with torch.no_grad():
+        weight.copy_(as_weight(V, weight, layer).to(weight.dtype))
 
 
 def as_weight(V: Tensor, weight: Tensor, name: str) -> Tensor:

@@ -224,7 +224,7 @@ def test_the_final_refit_sweep_refits_every_layer_after_the_first_cut_in_forward
     torch.manual_seed(0)
     original = train_on_toy(ResidualMLP())
     args = ("--target.refit_to", "original", "--lambda_ratios", "null", "--target.width", "[20, 24]")
-    plain, before = _compress(tmp_path / "plain", original, ResidualMLP, *args, layers='["out", "fc2a"]')
+    _, before = _compress(tmp_path / "plain", original, ResidualMLP, *args, layers='["out", "fc2a"]')
     report, swept = _compress(tmp_path / "swept", original, ResidualMLP, *args, "--final_refit", "true",
                               layers='["out", "fc2a"]')
     assert [e["width_after"] for e in report["layers"]] == [20, 24]
@@ -257,13 +257,13 @@ def test_a_final_refit_that_lowers_validation_accuracy_is_not_kept(tmp_path, mon
     """The sweep's guard: when the swept network's validation accuracy is below the network's
     before the sweep, the run keeps (and saves) the network before it. Here every refit is made
     to zero the layer's weights, a sweep that can only lose."""
-    import compression.final_refit as final_refit
     import compression.pipeline as pipeline
+    from models.surgery import set_weight
 
     torch.manual_seed(0)
     original = train_on_toy(ResidualMLP())
     monkeypatch.setattr(pipeline, "set_weight",
-                        lambda network, layer, V: final_refit.set_weight(network, layer, torch.zeros_like(V)))
+                        lambda network, layer, V: set_weight(network, layer, torch.zeros_like(V)))
     args = ("--target.refit_to", "original", "--lambda_ratios", "null", "--target.width", "[20, 24]")
     report, compressed = _compress(tmp_path / "guard", original, ResidualMLP, *args, "--final_refit", "true",
                                    layers='["out", "fc2a"]')
