@@ -45,18 +45,13 @@ def reference_after(original: nn.Module, analysis: NetworkAnalysis, entries: Seq
     return reference
 
 
-def layers_to_sweep(network: nn.Module, analysis: NetworkAnalysis, entries: Sequence[dict[str, Any]]) -> list[str]:
-    """The layers the sweep refits, in forward order: every Linear and ungrouped Conv2d that reads
-    a tensor of the network (``analysis.reads``) from the first consumer of a group that lost
-    channels on. The layers before it read exactly what they read in the original network."""
+def layers_to_sweep(analysis: NetworkAnalysis, entries: Sequence[dict[str, Any]]) -> list[str]:
+    """The layers the sweep refits, in forward order: every layer that reads a tensor of the
+    network (``analysis.reads``: Linear and ungrouped Conv2d layers only; a depthwise or grouped
+    convolution reads none) from the first consumer of a group that lost channels on. The
+    layers before it read exactly what they read in the original network."""
     consumers = {c.name for e in entries if e["width_after"] < e["width_before"]
                  for c in analysis.group_of(e["module"]).consumers}
     order = [layer for layer in analysis.layers if layer in analysis.reads]
     start = next((i for i, layer in enumerate(order) if layer in consumers), len(order))
-    out = []
-    for layer in order[start:]:
-        module = network.get_submodule(layer)
-        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
-            out.append(layer)
-    return out
-
+    return order[start:]

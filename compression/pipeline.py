@@ -892,7 +892,7 @@ class CompressionPipeline:
         reference = reference_after(self.network, analysis, entries)
         swept = copy.deepcopy(network).eval()
         rows = []
-        layers = layers_to_sweep(network, analysis, entries)
+        layers = layers_to_sweep(analysis, entries)
         for i, layer in enumerate(layers):
             train, seconds = passes_for([layer]).evaluate(swept, "train", [layer], targets=reference.network,
                                                           output_index=reference.output_index)
