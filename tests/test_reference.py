@@ -214,6 +214,11 @@ def test_rounded_widths_keep_the_lasso_support_and_refit_on_it(tmp_path):
                                                    rel=1e-6)
 
 
+#: ResidualMLP's stream cut to 20 of 32 channels, then fc1a's outputs to 24 of 48, refit to the original
+#: (``layers=["out", "fc2a"]``): the compression both final-refit tests sweep after.
+_STREAM_20_INNER_24 = ("--target.refit_to", "original", "--lambda_ratios", "null", "--target.width", "[20, 24]")
+
+
 def test_the_final_refit_sweep_refits_every_layer_after_the_first_cut_in_forward_order(tmp_path):
     """ResidualMLP, the stream cut to 20 of 32 channels and fc1a's outputs to 24 of 48 (refit to
     the original), then ``--final_refit``: fc1a, fc2a, fc1b, fc2b and out (the first consumer of a
@@ -223,9 +228,8 @@ def test_the_final_refit_sweep_refits_every_layer_after_the_first_cut_in_forward
     in-sample error to the original's outputs never grows."""
     torch.manual_seed(0)
     original = train_on_toy(ResidualMLP())
-    args = ("--target.refit_to", "original", "--lambda_ratios", "null", "--target.width", "[20, 24]")
-    _, before = _compress(tmp_path / "plain", original, ResidualMLP, *args, layers='["out", "fc2a"]')
-    report, swept = _compress(tmp_path / "swept", original, ResidualMLP, *args, "--final_refit", "true",
+    _, before = _compress(tmp_path / "plain", original, ResidualMLP, *_STREAM_20_INNER_24, layers='["out", "fc2a"]')
+    report, swept = _compress(tmp_path / "swept", original, ResidualMLP, *_STREAM_20_INNER_24, "--final_refit", "true",
                               layers='["out", "fc2a"]')
     assert [e["width_after"] for e in report["layers"]] == [20, 24]
     sweep = report["final_refit"]
@@ -264,8 +268,7 @@ def test_a_final_refit_that_lowers_validation_accuracy_is_not_kept(tmp_path, mon
     original = train_on_toy(ResidualMLP())
     monkeypatch.setattr(pipeline, "set_weight",
                         lambda network, layer, V: set_weight(network, layer, torch.zeros_like(V)))
-    args = ("--target.refit_to", "original", "--lambda_ratios", "null", "--target.width", "[20, 24]")
-    report, compressed = _compress(tmp_path / "guard", original, ResidualMLP, *args, "--final_refit", "true",
+    report, compressed = _compress(tmp_path / "guard", original, ResidualMLP, *_STREAM_20_INNER_24, "--final_refit", "true",
                                    layers='["out", "fc2a"]')
     sweep = report["final_refit"]
     assert sweep["val_accuracy_after"] < sweep["val_accuracy_before"] and not sweep["kept"]
