@@ -111,6 +111,16 @@ def _training_run(info: dict) -> Optional[dict]:
     return info.get("hparams", info if "lr" in info else None)
 
 
+def carried_hparams(info: dict) -> dict:
+    """``{"hparams": ...}``, the training run's hyper-parameters in ``info`` (as in
+    ``finetune_settings_from_training``), for ``save_network``'s extra entries; ``{}`` without
+    them. A compressed or fine-tuned file that carries them is read back by ``read_checkpoint``
+    with ``info["hparams"]``, so compressing it again fine-tunes by the training run's recipe
+    (optimizer, rate, weight decay, batch size), not by the plain state dict's default."""
+    hparams = _training_run(info)
+    return {"hparams": dict(hparams)} if hparams else {}
+
+
 def finetune_batch_size(info: dict, settings: FinetuneSettings, datamodule: pl.LightningDataModule) -> int:
     """The batch size fine-tuning trains at: ``settings.batch_size``, else the training run's
     (``info`` as in ``finetune_settings_from_training``), else ``datamodule``'s."""
@@ -301,7 +311,7 @@ def finetune(
     _check_still_compressed(network, compressed, network_file)
     if trainer.is_global_zero:
         tmp = done.with_suffix(".tmp")
-        save_network(network, tmp, spec, finetune=summary)
+        save_network(network, tmp, spec, finetune=summary, **carried_hparams(train_hparams))
         os.replace(tmp, done)  # whole or absent: the marker of a finished run
     return network, summary
 
@@ -319,4 +329,5 @@ def _check_still_compressed(network: nn.Module, compressed: nn.Module, network_f
         )
 
 
-__all__ = ["FinetuneSettings", "RestoreRNG", "finetune", "finetune_batch_size", "finetune_settings_from_training"]
+__all__ = ["FinetuneSettings", "RestoreRNG", "carried_hparams", "finetune", "finetune_batch_size",
+           "finetune_settings_from_training"]

@@ -43,7 +43,7 @@ from callbacks.convergence import Convergence
 from compression.allocation import Option, by_efficiency, choose, longest_prefix, next_budget
 from compression.baselines import IMPORTANCES, equal_width_weights, torch_pruning_available, torch_pruning_network
 from compression.final_refit import layers_to_sweep, reference_after
-from compression.finetune import FinetuneSettings, finetune
+from compression.finetune import FinetuneSettings, carried_hparams, finetune
 from compression.layer_problem import LayerProblem
 from compression.passes import CutInputs, DataPasses, Verdict, all_reduce_sum, head_of
 from compression.reference import ReferenceOutputs
@@ -936,7 +936,7 @@ class CompressionPipeline:
         # With fine-tuning, the network straight from surgery is kept beside the fine-tuned one.
         surgery = self.run_dir / "surgery.pt" if self.finetune.epochs > 0 else saved
         if self.is_global_zero:
-            save_network(network, surgery, self.spec, layers=report["layers"])
+            save_network(network, surgery, self.spec, layers=report["layers"], **carried_hparams(self.train_hparams))
         if self.finetune.epochs > 0:
             report["after_surgery"] = report["after"]
             report["network_after_surgery"] = str(surgery)
@@ -946,7 +946,8 @@ class CompressionPipeline:
             network = tuned.eval()
             report["after"] = self.profile(network, passes, with_val, once=True)
             if self.is_global_zero:
-                save_network(network, saved, self.spec, layers=report["layers"], finetune=details)
+                save_network(network, saved, self.spec, layers=report["layers"], finetune=details,
+                             **carried_hparams(self.train_hparams))
         report["network"] = str(saved)
         report["spec"] = self.spec.to_dict()
         return report

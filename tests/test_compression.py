@@ -14,11 +14,12 @@ import torch
 
 from callbacks.convergence import Convergence
 from compress import main as compress
+from compression.finetune import FinetuneSettings, finetune_batch_size, finetune_settings_from_training
 from datamodules.fashion_mnist import FashionMNISTDataModule
 from grouplasso import LassoStats, objective
 from lightning_modules.lasso import LassoCompression
 from lightning_modules.network_pass import run_pass
-from models.checkpoints import load_network
+from models.checkpoints import load_network, read_checkpoint
 from models.layers import LayerError
 from models.profile import count_parameters, layer_widths
 from tests.helpers import REPO, VAL_SUBSET, ToyClassifier, small_compress_args, toy_compress_args
@@ -74,7 +75,7 @@ def test_compressed_network_keeps_accuracy_and_loses_most_neurons(demo_run, fash
 
 
 @pytest.mark.slow
-def test_fine_tuning_keeps_the_compressed_widths(demo_run, shared_cache):
+def test_fine_tuning_keeps_the_compressed_widths(demo_run, shared_cache, checkpoint):
     folder, report = demo_run
     # The fine-tuned network is evaluated by whole-network passes: its new head inputs (0.15 GB
     # for these 4,096 training images) are not stored; only the original network's are.
@@ -91,6 +92,14 @@ def test_fine_tuning_keeps_the_compressed_widths(demo_run, shared_cache):
     assert any(not torch.equal(a, b) for a, b in zip(kept.state_dict().values(), final.state_dict().values()))
     assert report["finetune"]["epochs"] == 1 and report["finetune"]["lr"] == pytest.approx(3e-5)  # 0.1 x training lr
     assert report["finetune"]["batch_size"] == 64  # the training run's, not the compression's 500
+    # Both files carry the training run's hyper-parameters, so compressing either again fine-tunes
+    # by its recipe (not by Adam at 1e-5, the default for a file without them).
+    trained = read_checkpoint(checkpoint)[1]["hparams"]
+    for saved in (report["network_after_surgery"], report["network"]):
+        info = read_checkpoint(saved)[1]
+        assert info["hparams"] == trained
+        assert finetune_settings_from_training(info, FinetuneSettings(epochs=1))["lr"] == report["finetune"]["lr"]
+        assert finetune_batch_size(info, FinetuneSettings(epochs=1), None) == 64
     assert tuned["train_loss"] != surgery["train_loss"]  # it trained
     # 64 steps (4,096 images in the training run's batches of 64) at 0.1 x the training lr, dropout
     # off, recover part of what compressing the briefly trained network cost; a broken fine-tuning

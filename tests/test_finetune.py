@@ -98,6 +98,7 @@ def test_finetuning_trains_and_stays_compressed(compressed_file, fashion_root, t
     # one epoch: nothing to resume, so no checkpoint was written (only the result, with its settings)
     assert not list((tmp_path / "finetune").rglob("*.ckpt"))
     assert read_checkpoint(tmp_path / "finetune" / DONE_FILE)[1]["finetune"]["lr"] == pytest.approx(1e-4)
+    assert read_checkpoint(tmp_path / "finetune" / DONE_FILE)[1]["hparams"] == TRAIN_HPARAMS["hparams"]
 
     # Finished: a second call loads the result instead of training.
     def no_fit(*args, **kwargs):
