@@ -935,8 +935,9 @@ class CompressionPipeline:
         saved = self.run_dir / "compressed.pt"
         # With fine-tuning, the network straight from surgery is kept beside the fine-tuned one.
         surgery = self.run_dir / "surgery.pt" if self.finetune.epochs > 0 else saved
+        carried = carried_hparams(self.train_hparams)  # so that compressing either file again fine-tunes alike
         if self.is_global_zero:
-            save_network(network, surgery, self.spec, layers=report["layers"], **carried_hparams(self.train_hparams))
+            save_network(network, surgery, self.spec, layers=report["layers"], **carried)
         if self.finetune.epochs > 0:
             report["after_surgery"] = report["after"]
             report["network_after_surgery"] = str(surgery)
@@ -946,8 +947,7 @@ class CompressionPipeline:
             network = tuned.eval()
             report["after"] = self.profile(network, passes, with_val, once=True)
             if self.is_global_zero:
-                save_network(network, saved, self.spec, layers=report["layers"], finetune=details,
-                             **carried_hparams(self.train_hparams))
+                save_network(network, saved, self.spec, layers=report["layers"], finetune=details, **carried)
         report["network"] = str(saved)
         report["spec"] = self.spec.to_dict()
         return report

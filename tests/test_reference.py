@@ -268,8 +268,8 @@ def test_a_final_refit_that_lowers_validation_accuracy_is_not_kept(tmp_path, mon
     original = train_on_toy(ResidualMLP())
     monkeypatch.setattr(pipeline, "set_weight",
                         lambda network, layer, V: set_weight(network, layer, torch.zeros_like(V)))
-    report, compressed = _compress(tmp_path / "guard", original, ResidualMLP, *_STREAM_20_INNER_24, "--final_refit", "true",
-                                   layers='["out", "fc2a"]')
+    report, compressed = _compress(tmp_path / "guard", original, ResidualMLP, *_STREAM_20_INNER_24,
+                                   "--final_refit", "true", layers='["out", "fc2a"]')
     sweep = report["final_refit"]
     assert sweep["val_accuracy_after"] < sweep["val_accuracy_before"] and not sweep["kept"]
     assert all(compressed.get_submodule(row["layer"]).weight.abs().sum() > 0 for row in sweep["layers"])
